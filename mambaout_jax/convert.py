@@ -1,0 +1,159 @@
+"""Convert PyTorch MambaOut weights (official repo or timm) into a mambaout_jax params checkpoint.
+
+    python -m mambaout_jax.convert --variant=mambaout_femto --src=mambaout_femto.pth --out=/tmp/femto
+    python -m mambaout_jax.convert --variant=mambaout_tiny --src=model.safetensors --out=/tmp/tiny
+
+Accepted key layouts:
+  official (yuweihao/MambaOut): downsample_layers.0.* (stem), downsample_layers.i.*, stages.i.j.*,
+                                norm.*, head.fc1/norm/fc2.*
+  timm:                         stem.*, stages.i.downsample.*, stages.i.blocks.j.*, head.*
+`.safetensors` needs no torch; `.pth`/`.pt`/`.bin` imports torch lazily. A checkpoint that does not fit
+the variant is refused with the first offending key and both shapes; `--reset_head` keeps a freshly
+initialised classifier when `--num_classes` differs from the checkpoint's.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import numpy as np
+
+from mambaout_jax.checkpoint import assign_params, check_params_match, flat_params, path_str
+
+# Our parameter leaf names -> PyTorch's.
+_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'gamma': 'gamma'}
+HEAD_KEYS = ('head.fc.weight', 'head.fc.bias')
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch state dict from .safetensors (numpy only) or .pth (torch, imported lazily)."""
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+    sd = load_file(path)
+  else:
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f'reading {path} needs torch (pip install torch); or convert it to '
+                        '.safetensors first') from e
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+      if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+        obj = obj[wrapper]
+        break
+    sd = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+  return {k.removeprefix('module.'): np.asarray(v) for k, v in sd.items()}
+
+
+def official_to_timm(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames official-repo keys to timm's layout; timm-layout dicts pass through unchanged."""
+  if not any(k.startswith('downsample_layers.') for k in sd):
+    return dict(sd)
+  out = {}
+  for k, v in sd.items():
+    k = k.replace('downsample_layers.0.', 'stem.')
+    k = re.sub(r'^downsample_layers\.(\d+)\.', r'stages.\1.downsample.', k)
+    k = re.sub(r'^stages\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.', k)
+    if k.startswith('norm.'):  # the official output norm sits in the head after pooling
+      k = 'head.' + k
+    else:
+      k = k.replace('head.fc1.', 'head.pre_logits.fc.')
+      k = k.replace('head.norm.', 'head.pre_logits.norm.')
+      k = k.replace('head.fc2.', 'head.fc.')
+    out[k] = v
+  return out
+
+
+def torch_key(path: tuple) -> str:
+  return '.'.join(str(p) for p in path[:-1]) + '.' + _LEAF_TO_TORCH[path[-1]]
+
+
+def to_jax_layout(v: np.ndarray) -> np.ndarray:
+  """Linear (out, in) -> (in, out); Conv2d (out, in, kh, kw) -> (kh, kw, in, out); 1-D unchanged."""
+  if v.ndim == 2:
+    return v.T
+  if v.ndim == 4:
+    return v.transpose(2, 3, 1, 0)
+  return v
+
+
+def to_torch_layout(v: np.ndarray) -> np.ndarray:
+  if v.ndim == 2:
+    return v.T
+  if v.ndim == 4:
+    return v.transpose(3, 2, 0, 1)
+  return v
+
+
+def params_from_state_dict(sd: dict[str, np.ndarray], model, *, variant: str, source: str,
+                           reset_head: bool = False) -> dict[tuple, Any]:
+  """Maps a timm/official state dict onto `model`'s parameter paths, checking every key and shape."""
+  sd = official_to_timm(sd)
+  expected = flat_params(model)
+  by_torch = {torch_key(p): p for p in expected}
+  for k in sorted(sd):
+    if k not in by_torch and not (reset_head and k in HEAD_KEYS):
+      raise ValueError(f'{source} does not fit {variant}: unexpected key {k!r} (shape '
+                       f'{tuple(sd[k].shape)}); is it a checkpoint of another variant?')
+  params = {}
+  for k, path in sorted(by_torch.items()):
+    want = tuple(expected[path].shape)
+    if reset_head and k in HEAD_KEYS:
+      params[path] = np.asarray(expected[path])
+      continue
+    if k not in sd:
+      raise ValueError(f'{source} does not fit {variant}: missing key {k!r} (expected shape '
+                       f'{tuple(to_torch_layout(np.empty(want)).shape)})')
+    v = to_jax_layout(sd[k])
+    if v.shape != want:
+      hint = (' (a different number of classes: pass --num_classes and --reset_head)'
+              if k in HEAD_KEYS else '')
+      raise ValueError(f'{source} does not fit {variant}: key {k!r} has shape {tuple(sd[k].shape)} '
+                       f'but {variant} expects {tuple(to_torch_layout(np.empty(want)).shape)}{hint}')
+    params[path] = v.astype(np.float32)
+  return params
+
+
+def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
+            reset_head: bool = False, seed: int = 0) -> str:
+  from flax import nnx
+  from mambaout_jax.checkpoint import save_params
+  from mambaout_jax.models.registry import create_model
+  overrides = {} if num_classes is None else {'num_classes': num_classes}
+  model = create_model(variant, rngs=nnx.Rngs(seed), **overrides)
+  params = params_from_state_dict(read_state_dict(src), model, variant=variant, source=src,
+                                  reset_head=reset_head)
+  check_params_match(model, params, source=src, variant=variant)
+  assign_params(model, params)
+  return save_params(out, model, variant=variant, model_kwargs=overrides,
+                     extra_meta={'source': src, 'reset_head': reset_head})
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(prog='python -m mambaout_jax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--variant', required=True, help='model name, see mambaout_jax.list_models()')
+  p.add_argument('--src', required=True, help='.pth / .pt / .bin / .safetensors state dict')
+  p.add_argument('--out', required=True, help='output directory (params checkpoint)')
+  p.add_argument('--num_classes', type=int, default=None, help='classifier size (default: 1000)')
+  p.add_argument('--reset_head', action='store_true',
+                 help='re-initialise the final classifier instead of loading it')
+  p.add_argument('--seed', type=int, default=0, help='seed for a re-initialised head')
+  args = p.parse_args(argv)
+  try:
+    out = convert(args.variant, args.src, args.out, num_classes=args.num_classes,
+                  reset_head=args.reset_head, seed=args.seed)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.variant} params to {out}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
+
+
+__all__ = ['convert', 'read_state_dict', 'official_to_timm', 'params_from_state_dict', 'path_str']

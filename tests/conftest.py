@@ -1,0 +1,12 @@
+"""Test setup: 8 fake CPU devices (sharding tests), deterministic numerics, shared fixtures."""
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: large models or long runs (still run in CI)')
