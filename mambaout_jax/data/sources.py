@@ -1,0 +1,179 @@
+"""Random-access sources: TFDS datasets prepared as ArrayRecord, and ImageFolder-style directories.
+
+Every source is a sequence of `{'image': encoded image bytes, 'label': int}`; the pipelines decode
+the bytes themselves (PIL), so JPEG decoding can be sized to the crop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Protocol, Sequence
+
+FOLDER_PREFIX = 'folder:'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not prepared where the config says; the message shows how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+class Source(Protocol):
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ...
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+  data_dir_flag = f' --data_dir={data_dir}' if data_dir else ''
+  manual = ' --manual_dir=DIR_WITH_ILSVRC2012_TARS' if name == 'imagenet2012' else ''
+  return f'python -m mambaout_jax.data.prepare --dataset={name}{manual}{data_dir_flag}'
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _import_project_builders():
+  from mambaout_jax.data import digits  # noqa: F401  (registers `mambaout_digits` with TFDS)
+
+
+def tfds_builder(name: str, data_dir: str | None):
+  import tensorflow_datasets as tfds
+  _import_project_builders()
+  return tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+
+
+def _has_array_record(builder) -> bool:
+  from tensorflow_datasets.core import file_adapters
+  info = builder.info
+  formats = {info.file_format} | set(getattr(info, 'alternative_file_formats', ()) or ())
+  return file_adapters.FileFormat.ARRAY_RECORD in formats
+
+
+def ensure_prepared(name: str, data_dir: str | None):
+  """Returns the TFDS builder of `name`, preparing it when that needs no download (the demo)."""
+  from mambaout_jax.data import digits
+  builder = tfds_builder(name, data_dir)
+  if not builder.is_prepared():
+    if name == digits.NAME:  # Ships inside scikit-learn: prepare on first use.
+      builder.download_and_prepare()
+      return builder
+    raise DatasetNotFoundError(
+        f'dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it with: '
+        f'{prepare_command(name, data_dir)}')
+  if not _has_array_record(builder):
+    raise DatasetNotFoundError(
+        f'dataset {name!r} in {builder.data_dir!r} is prepared as {builder.info.file_format.value}, '
+        f'not ArrayRecord (needed for random access); convert it with: '
+        f'{prepare_command(name, data_dir).replace(" --manual_dir=DIR_WITH_ILSVRC2012_TARS", "")}'
+        ' --convert_existing')
+  return builder
+
+
+class TfdsSource:
+  """A TFDS split read with `tfds.data_source` with the image left encoded."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+    builder = ensure_prepared(name, data_dir)
+    if split not in builder.info.splits:
+      raise ValueError(f'dataset {name!r} has no split {split!r}; valid splits: '
+                       f'{", ".join(sorted(builder.info.splits))}')
+    self._source = tfds.data_source(
+        name, split=split, data_dir=data_dir or None,
+        decoders={'image': tfds.decode.SkipDecoding()})
+    self.num_classes = builder.info.features['label'].num_classes
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._source[index]
+    return {'image': record['image'], 'label': int(record['label'])}
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder: ROOT/<split>/<class name>/<image file>
+
+
+def _list_classes(split_dir: str) -> list[str]:
+  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+
+class FolderSource:
+  """Images in `root/split/<class>/...`; classes are the sorted sub-directory names of `train`."""
+
+  def __init__(self, root: str, split: str, class_names: Sequence[str] | None = None):
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+      raise DatasetNotFoundError(
+          f'image folder split {split_dir!r} does not exist; expected {root}/{split}/<class>/<image>')
+    self.class_names = list(class_names) if class_names is not None else _list_classes(split_dir)
+    if not self.class_names:
+      raise DatasetNotFoundError(f'no class sub-directories in {split_dir!r}')
+    self.num_classes = len(self.class_names)
+    self._files: list[tuple[str, int]] = []
+    for label, class_name in enumerate(self.class_names):
+      class_dir = os.path.join(split_dir, class_name)
+      if not os.path.isdir(class_dir):
+        continue
+      for dirpath, _, filenames in sorted(os.walk(class_dir)):
+        for filename in sorted(filenames):
+          if filename.lower().endswith(IMAGE_EXTENSIONS):
+            self._files.append((os.path.join(dirpath, filename), label))
+    if not self._files:
+      raise DatasetNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir!r}')
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path, label = self._files[index]
+    with open(path, 'rb') as f:
+      return {'image': f.read(), 'label': label}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  """The split `split` of dataset `name` ('folder:/path' or a TFDS name) as a random-access source."""
+  if name.startswith(FOLDER_PREFIX):
+    root = name[len(FOLDER_PREFIX):]
+    train_dir = os.path.join(root, 'train')
+    class_names = _list_classes(train_dir) if os.path.isdir(train_dir) else None
+    return FolderSource(root, split, class_names)
+  return TfdsSource(name, split, data_dir)
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  """Number of classes and the sizes of the train and eval splits named by `config.dataset`."""
+  ds = config.dataset
+  data_dir = ds.get('data_dir', '') or None
+  train_split, eval_split = ds.get('train_split', 'train'), ds.get('eval_split', 'validation')
+  if ds.name.startswith(FOLDER_PREFIX):
+    train, evaluation = open_source(ds.name, train_split), open_source(ds.name, eval_split)
+    num_classes, num_train, num_eval = train.num_classes, len(train), len(evaluation)
+  else:
+    builder = ensure_prepared(ds.name, data_dir)
+    for split in (train_split, eval_split):
+      if split not in builder.info.splits:
+        raise ValueError(f'dataset {ds.name!r} has no split {split!r}; valid splits: '
+                         f'{", ".join(sorted(builder.info.splits))}')
+    num_classes = builder.info.features['label'].num_classes
+    num_train = builder.info.splits[train_split].num_examples
+    num_eval = builder.info.splits[eval_split].num_examples
+  if ds.get('num_classes', 0):
+    num_classes = ds.num_classes
+  return DatasetInfo(num_classes=num_classes, num_train_examples=num_train,
+                     num_eval_examples=num_eval)
