@@ -48,9 +48,24 @@ def _import_project_builders():
 
 
 def tfds_builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name`: as prepared on disk, or set to prepare ArrayRecord files."""
   import tensorflow_datasets as tfds
   _import_project_builders()
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if builder.is_prepared():
+    _restore_alternative_formats(builder.info)
+    return builder
   return tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+
+
+def _restore_alternative_formats(info) -> None:
+  # tfds 4.9.10 reads `alternative_file_formats` from dataset_info.json into the proto only, so a
+  # TFRecord preparation later converted to ArrayRecord would not be readable at random access.
+  from tensorflow_datasets.core import file_adapters
+  for value in info.as_proto.alternative_file_formats:
+    file_format = file_adapters.FileFormat.from_value(value)
+    if file_format not in info.alternative_file_formats:
+      info._alternative_file_formats.append(file_format)  # pylint: disable=protected-access
 
 
 def _has_array_record(builder) -> bool:
@@ -81,7 +96,7 @@ def ensure_prepared(name: str, data_dir: str | None):
 
 
 class TfdsSource:
-  """A TFDS split read with `tfds.data_source` with the image left encoded."""
+  """A TFDS split read at random access (ArrayRecord) with the image left encoded."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
@@ -89,9 +104,8 @@ class TfdsSource:
     if split not in builder.info.splits:
       raise ValueError(f'dataset {name!r} has no split {split!r}; valid splits: '
                        f'{", ".join(sorted(builder.info.splits))}')
-    self._source = tfds.data_source(
-        name, split=split, data_dir=data_dir or None,
-        decoders={'image': tfds.decode.SkipDecoding()})
+    self._source = builder.as_data_source(
+        split, decoders={'image': tfds.decode.SkipDecoding()}, file_format='array_record')
     self.num_classes = builder.info.features['label'].num_classes
 
   def __len__(self) -> int:
