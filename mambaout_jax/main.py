@@ -1,0 +1,82 @@
+r"""Train, evaluate or export a model: the command-line entry point.
+
+    python -m mambaout_jax.main --config=configs/demo.py --workdir=/tmp/mambaout_demo
+    python -m mambaout_jax.main --config=configs/tiny.py --workdir=gs://bucket/tiny \
+        --config.batch_size=1024 --config.grad_accum_steps=4
+    python -m mambaout_jax.main --config=configs/demo.py --workdir=/tmp/mambaout_demo --mode=eval
+
+A run resumes from the newest readable checkpoint in `--workdir`. On a TPU pod every host runs the
+same command and `jax.distributed.initialize()` finds the others; elsewhere pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (on CPU the hosts talk over gloo).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file (configs/*.py); override keys with --config.KEY=VALUE.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'],
+                          'train (resuming if possible), eval the latest checkpoint, or export its '
+                          'params for mo.load_pretrained.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0, for clusters JAX cannot auto-detect.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with '
+                                      '--coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed():
+  """jax.distributed for multi-process runs: explicit flags, or auto-detection on TPU pods."""
+  import jax
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id')
+    if jax.config.jax_platforms in (None, '', 'cpu') or 'cpu' in str(jax.config.jax_platforms):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _is_tpu_pod():
+    jax.distributed.initialize()
+
+
+def _is_tpu_pod() -> bool:
+  import os
+  # Set by the TPU VM runtime on multi-host slices (single-host TPUs need no initialisation).
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return len([h for h in hosts.split(',') if h]) > 1
+
+
+class _QuietLibraries:
+  """absl log filter: drops INFO lines of Orbax / Grain internals (one line per file they write)."""
+
+  def filter(self, record):
+    return record.levelno > 20 or not any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; config keys are set as --config.KEY=V')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  initialize_distributed()
+  from mambaout_jax import train  # after jax.distributed, which must come before any jax work
+  import jax
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+  except train.Preempted as e:
+    logging.warning('stopped at step %s after saving a checkpoint; rerun the same command to '
+                    'resume', e)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
+
+
+if __name__ == '__main__':
+  app.run(main)

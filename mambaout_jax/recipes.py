@@ -1,0 +1,111 @@
+"""Config building blocks shared by `configs/*.py`: every key the trainer and the data pipeline read.
+
+`base_config()` holds every key with a neutral default (so `--config.KEY=VALUE` can override any of
+them and an unknown key is refused); `imagenet_recipe(model)` is the paper's ImageNet-1k recipe
+(official scripts on timm 0.6.11, see DESIGN.md).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from mambaout_jax.models.mambaout import TRAIN_DROP_PATH
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mambaout_test'
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = 'float32'        # compute dtype ('bfloat16' on TPU); parameters stay float32
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'mambaout_digits'
+  c.dataset.data_dir = ''
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.num_classes = 0        # 0: take it from the dataset info
+
+  c.image_size = 224
+  c.batch_size = 1024               # global, over all hosts
+  c.eval_batch_size = 1024
+  c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size must divide)
+
+  # Length and schedule (timm 0.6.11 CosineLRScheduler semantics, see mambaout_jax/optim.py).
+  c.num_epochs = 300                # cosine length; training runs num_epochs + cooldown_epochs
+  c.cooldown_epochs = 0
+  c.total_steps = 0                 # > 0: train this many steps, the schedule compressed to fit
+  c.warmup_epochs = 0.0
+  c.schedule_per_step = True        # False: lr changes once per epoch, like timm's default
+
+  c.optimizer = 'adamw'
+  c.lr = 1e-3                       # per lr_base_batch images
+  c.lr_base_batch = 1024            # peak lr = lr * batch_size / lr_base_batch (0: no scaling)
+  c.warmup_lr = 1e-6
+  c.min_lr = 1e-5
+  c.weight_decay = 0.05
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 0.0            # 0: no clipping (the paper)
+  c.ema_decay = 0.0                 # > 0: keep an EMA of the parameters, evaluated as eval_ema/*
+
+  c.aug = ml_collections.ConfigDict()
+  c.aug.scale = (0.08, 1.0)
+  c.aug.ratio = (3 / 4, 4 / 3)
+  c.aug.interpolation = 'random'
+  c.aug.hflip = 0.5
+  c.aug.randaugment = ''
+  c.aug.reprob = 0.0
+  c.aug.remode = 'pixel'
+  c.aug.mixup = 0.0
+  c.aug.cutmix = 0.0
+  c.aug.mixup_prob = 1.0
+  c.aug.mixup_switch_prob = 0.5
+  c.aug.label_smoothing = 0.0
+  c.aug.crop_pct = 1.0
+
+  c.input = ml_collections.ConfigDict()
+  c.input.num_workers = 0
+  c.input.prefetch = 2
+
+  c.mesh = (('data', -1), ('fsdp', 1))
+
+  c.log_every_steps = 100
+  c.eval_every_steps = 0            # 0: once per epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3            # the latest K ...
+  c.keep_best_checkpoints = 1       # ... plus the best K by eval/top1
+  c.async_checkpointing = True
+  return c
+
+
+def imagenet_recipe(model_name: str) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-1k recipe for `model_name` at 224 px, global batch 4096."""
+  c = base_config()
+  c.model.name = model_name
+  c.model.drop_path_rate = TRAIN_DROP_PATH.get(model_name, 0.0)
+  c.model.dtype = 'bfloat16'
+  c.dataset.name = 'imagenet2012'
+  c.dataset.num_classes = 1000
+  c.image_size = 224
+  c.batch_size = 4096
+  c.eval_batch_size = 1024
+  c.num_epochs = 300
+  c.cooldown_epochs = 10
+  c.warmup_epochs = 20
+  c.lr = 1e-3                       # x 4096 / 1024 = 4e-3
+  c.warmup_lr = 1e-6
+  c.min_lr = 1e-5
+  c.weight_decay = 0.05
+  c.aug.randaugment = 'rand-m9-mstd0.5-inc1'
+  c.aug.reprob = 0.25
+  c.aug.mixup = 0.8
+  c.aug.cutmix = 1.0
+  c.aug.label_smoothing = 0.1
+  c.input.num_workers = 16
+  c.log_every_steps = 100
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 1000
+  return c
