@@ -132,6 +132,7 @@ cmd_stop() {
   done
   if kill -0 "$pid" 2>/dev/null; then
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     echo "$HOST: killed pid $pid (still running ${timeout}s after SIGTERM)"
   else
     echo "$HOST: stopped pid $pid"
