@@ -4,7 +4,7 @@ Training (per host): indices 0..N-1 are shuffled globally with a new permutation
 (`grain.MapDataset.shuffle` + `repeat`); host `p` of `P` takes every P-th position of that global
 stream, so hosts read disjoint examples. Each example's augmentation draws from a generator seeded
 with (seed, epoch, source index), so it does not depend on workers, hosts or restarts. Examples
-that fail to decode are skipped (and logged). Batches of `batch_size // P` are formed in the main
+that fail to decode are skipped (and logged) in the main process. Batches of `batch_size // P` are formed in the main
 process after the worker processes, so the stream is identical for any number of workers; the
 iterator's `get_state()` / `set_state()` resume it mid-epoch with exactly the same batches.
 
@@ -69,7 +69,7 @@ class EpochAndIndex(grain.transforms.MapWithIndex):
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample(grain.transforms.Map):
-  """(epoch, index) -> augmented {'image', 'label'}, or None when the image cannot be decoded."""
+  """(epoch, index) -> augmented {'image', 'label', 'valid'}; 'valid' is False if undecodable."""
   source: Any
   transform: T.TrainTransform
   seed: int
@@ -80,19 +80,31 @@ class TrainExample(grain.transforms.Map):
     rng = np.random.default_rng((self.seed, epoch, index))
     try:
       image = self.transform(record['image'], rng)
-    except T.DecodeError as e:
+    except T.ImageDecodeError as e:
       logging.warning('skipping example %d of the training split (epoch %d): cannot decode image: %s',
                       index, epoch, e)
-      return None
-    return {'image': image, 'label': np.int32(record['label'])}
+      return {'image': np.zeros((1, 1, 3), np.float32), 'label': np.int32(-1), 'valid': False}
+    return {'image': image, 'label': np.int32(record['label']), 'valid': True}
+
+
+class DropInvalid(grain.transforms.Filter):
+
+  def filter(self, element) -> bool:
+    return bool(element['valid'])
+
+
+class WithoutValid(grain.transforms.Map):
+
+  def map(self, element):
+    return {'image': element['image'], 'label': element['label']}
 
 
 def create_train_iterator(config, *, process_index: int = 0, process_count: int = 1):
   """Infinite iterator of host-local batches {'image' float32 (b, S, S, 3), 'label' int32 (b,)}."""
   name, split, data_dir = _dataset_args(config, 'train_split', 'train')
+  local_batch = _per_host(config.batch_size, process_count, 'batch_size')
   source = sources.open_source(name, split, data_dir)
   num_examples = len(source)
-  local_batch = _per_host(config.batch_size, process_count, 'batch_size')
   if local_batch * process_count > num_examples:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {num_examples} training '
                      f'examples of {name!r}; lower batch_size')
@@ -100,8 +112,10 @@ def create_train_iterator(config, *, process_index: int = 0, process_count: int 
   ds = ds.map_with_index(EpochAndIndex(num_examples))
   ds = ds[process_index::process_count]
   ds = ds.map(TrainExample(source, T.TrainTransform.from_config(config), config.seed))
-  ds = ds.to_iter_dataset(_read_options(config))  # Drops the None of undecodable images.
+  ds = ds.to_iter_dataset(_read_options(config))
   ds = _multiprocessing(ds, config)
+  # Skipping after the worker processes keeps the stream the same for any number of workers.
+  ds = ds.filter(DropInvalid()).map(WithoutValid())
   ds = ds.batch(local_batch, drop_remainder=True)
   return iter(ds)
 
@@ -126,7 +140,7 @@ class EvalExample(grain.transforms.Map):
       try:
         image = self.transform(record['image'])
         return {'image': image, 'label': np.int32(record['label']), 'mask': np.True_}
-      except T.DecodeError as e:
+      except T.ImageDecodeError as e:
         logging.warning('example %d of the eval split cannot be decoded (%s); it is masked out', index, e)
     size = self.transform.size
     return {'image': np.zeros((size, size, 3), np.float32), 'label': np.int32(0), 'mask': np.False_}
@@ -139,10 +153,10 @@ def num_eval_batches(num_examples: int, local_batch: int, process_count: int) ->
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1):
   """One pass over the eval split; host batches {'image', 'label', 'mask'}, same count per host."""
   name, split, data_dir = _dataset_args(config, 'eval_split', 'validation')
-  source = sources.open_source(name, split, data_dir)
-  num_examples = len(source)
   eval_batch = config.get('eval_batch_size', config.get('batch_size'))
   local_batch = _per_host(eval_batch, process_count, 'eval_batch_size')
+  source = sources.open_source(name, split, data_dir)
+  num_examples = len(source)
   num_batches = num_eval_batches(num_examples, local_batch, process_count)
   transform = T.EvalTransform.from_config(config)
   ds = grain.MapDataset.range(num_batches * local_batch)

@@ -62,7 +62,11 @@ def solarize_add(img, add, thresh=128, **_):
 
 
 def posterize(img, bits, **_):
-  return img if bits >= 8 else ImageOps.posterize(img, bits)
+  if bits >= 8:
+    return img
+  if bits <= 0:  # Keep no bit: black. (timm calls ImageOps.posterize(img, 0), which Pillow rejects.)
+    return img.point([0] * 256 * len(img.getbands()))
+  return ImageOps.posterize(img, bits)
 
 
 def _enhance(enhancer) -> Callable:

@@ -25,12 +25,26 @@ INTERPOLATIONS = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest
                   'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}
 RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
 
-DecodeError = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageDecodeError(ValueError):
+  """The bytes are not a decodable image (corrupt, truncated, unknown format)."""
 
 
 def open_image(data: bytes) -> Image.Image:
-  """Opens encoded image bytes lazily (header only); raises one of `DecodeError` when corrupt."""
-  return Image.open(io.BytesIO(data))
+  """Opens encoded image bytes lazily (header only); raises `ImageDecodeError` when corrupt."""
+  try:
+    return Image.open(io.BytesIO(data))
+  except _PIL_DECODE_ERRORS as e:
+    raise ImageDecodeError(str(e)) from e
+
+
+def _decoded(fn, *args):
+  try:
+    return fn(*args)
+  except _PIL_DECODE_ERRORS as e:
+    raise ImageDecodeError(str(e)) from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -176,7 +190,7 @@ class TrainTransform:
     resample = _interpolation(self.interpolation)
     if resample is None:
       resample = RANDOM_INTERPOLATION[rng.integers(0, len(RANDOM_INTERPOLATION))]
-    img = resized_crop(img, box, self.size, resample, draft=self.jpeg_draft)
+    img = _decoded(resized_crop, img, box, self.size, resample, self.jpeg_draft)
     if self.hflip > 0 and rng.random() < self.hflip:
       img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if self.randaugment is not None:
@@ -202,7 +216,7 @@ class EvalTransform:
                mean=tuple(inp.get('mean', IMAGENET_MEAN)), std=tuple(inp.get('std', IMAGENET_STD)))
 
   def __call__(self, data: bytes) -> np.ndarray:
-    img = to_rgb(open_image(data))
+    img = _decoded(to_rgb, open_image(data))
     width, height = img.size
     short_size = int(self.size / self.crop_pct)
     # torchvision Resize(int): the shorter side becomes short_size, the longer one is truncated.
