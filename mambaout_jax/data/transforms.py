@@ -55,9 +55,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def normalize(img: Image.Image | np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-  """uint8 HWC -> float32 (x / 255 - mean) / std, as torchvision's ToTensor + Normalize."""
-  x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  """uint8 HWC -> float32 (x / 255 - mean) / std, as torchvision's ToTensor + Normalize (to ~1e-7)."""
+  scale = 1.0 / (255.0 * np.asarray(std, np.float64))
+  bias = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
+  x = np.asarray(img, dtype=np.float32)  # A fresh array: PIL images are copied.
+  if not x.flags.writeable:
+    x = x.copy()
+  x *= scale.astype(np.float32)
+  x += bias.astype(np.float32)
+  return x
 
 
 # ----------------------------------------------------------------------------------------------
