@@ -31,11 +31,13 @@ def _dataset_args(config, split_key: str, default_split: str):
   return ds.name, ds.get(split_key, default_split), (ds.get('data_dir', '') or None)
 
 
-def _read_options(config) -> grain.ReadOptions:
+def _read_options(config, local_batch: int) -> grain.ReadOptions:
+  """Threads decoding ahead in each process: `prefetch` batches, split over the worker processes."""
   inp = config.get('input', {})
-  return grain.ReadOptions(num_threads=inp.get('num_threads', 4),
-                           prefetch_buffer_size=inp.get('prefetch', 2) * max(
-                               1, config.get('batch_size', 64) // max(1, inp.get('num_workers', 0) or 1)))
+  num_processes = max(1, inp.get('num_workers', 0))
+  num_threads = inp.get('num_threads', 4)
+  buffer = max(num_threads, inp.get('prefetch', 2) * local_batch // num_processes)
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer)
 
 
 def _multiprocessing(ds: grain.IterDataset, config) -> grain.IterDataset:
@@ -112,7 +114,7 @@ def create_train_iterator(config, *, process_index: int = 0, process_count: int 
   ds = ds.map_with_index(EpochAndIndex(num_examples))
   ds = ds[process_index::process_count]
   ds = ds.map(TrainExample(source, T.TrainTransform.from_config(config), config.seed))
-  ds = ds.to_iter_dataset(_read_options(config))
+  ds = ds.to_iter_dataset(_read_options(config, local_batch))
   ds = _multiprocessing(ds, config)
   # Skipping after the worker processes keeps the stream the same for any number of workers.
   ds = ds.filter(DropInvalid()).map(WithoutValid())
@@ -161,7 +163,7 @@ def create_eval_iterator(config, *, process_index: int = 0, process_count: int =
   transform = T.EvalTransform.from_config(config)
   ds = grain.MapDataset.range(num_batches * local_batch)
   ds = ds.map(EvalExample(source, transform, process_index, process_count, num_examples))
-  ds = ds.to_iter_dataset(_read_options(config))
+  ds = ds.to_iter_dataset(_read_options(config, local_batch))
   ds = _multiprocessing(ds, config)
   return EvalPass(ds.batch(local_batch, drop_remainder=True), num_batches)
 
