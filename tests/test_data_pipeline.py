@@ -164,19 +164,24 @@ def test_eval_images_match_eval_transform(folder):
                                   T.EvalTransform(size=16)(source[index]['image']))
 
 
-def test_worker_processes_give_the_same_stream(folder):
+def test_worker_processes_give_the_same_stream_and_resume(folder):
   config = make_config(folder, batch_size=8)
-  in_process = take(data.create_train_iterator(config, process_index=0, process_count=1), 2)
+  in_process = take(data.create_train_iterator(config, process_index=0, process_count=1), 3)
   config.input.num_workers = 2
   iterator = data.create_train_iterator(config, process_index=0, process_count=1)
+  restored = data.create_train_iterator(config, process_index=0, process_count=1)
   try:
     with_workers = take(iterator, 2)
-    json.dumps(iterator.get_state())
+    restored.set_state(json.loads(json.dumps(iterator.get_state())))
+    with_workers += take(iterator, 1)
+    resumed = next(restored)
   finally:
     iterator.close()
+    restored.close()
   for want, got in zip(in_process, with_workers):
     np.testing.assert_array_equal(want['label'], got['label'])
     np.testing.assert_array_equal(want['image'], got['image'])
+  np.testing.assert_array_equal(resumed['image'], in_process[2]['image'])
 
 
 def _jpeg_bytes(img, **kwargs):

@@ -216,7 +216,7 @@ def test_mixup_matches_timm_for_the_drawn_lam(seed):
   lam = _lam_from_targets(targets, labels, 10, 0.1)
   assert 0.0 <= lam <= 1.0
   np.testing.assert_allclose(targets, _timm_targets(labels, 10, lam, 0.1), atol=1e-5)
-  reference = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
+  reference = torch.as_tensor(np.array(images)).permute(0, 3, 1, 2)
   reference = reference * lam + reference.flip(0) * (1 - lam)  # timm's _mix_batch, mixup branch.
   np.testing.assert_allclose(out, reference.permute(0, 2, 3, 1).numpy(), atol=1e-4)
 

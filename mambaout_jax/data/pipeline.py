@@ -90,9 +90,17 @@ class TrainExample(grain.transforms.Map):
 
 
 class DropInvalid(grain.transforms.Filter):
+  """Drops undecodable examples (in the main process) and reports how many so far."""
+
+  def __init__(self):
+    self.num_skipped = 0
 
   def filter(self, element) -> bool:
-    return bool(element['valid'])
+    if element['valid']:
+      return True
+    self.num_skipped += 1
+    logging.warning('skipped %d undecodable training image(s) so far on this host', self.num_skipped)
+    return False
 
 
 class WithoutValid(grain.transforms.Map):
