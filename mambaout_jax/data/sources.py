@@ -81,8 +81,7 @@ def ensure_prepared(name: str, data_dir: str | None):
   builder = tfds_builder(name, data_dir)
   if not builder.is_prepared():
     if name == digits.NAME:  # Ships inside scikit-learn: prepare on first use.
-      builder.download_and_prepare()
-      return builder
+      return _prepare_once(name, data_dir)
     raise DatasetNotFoundError(
         f'dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it with: '
         f'{prepare_command(name, data_dir)}')
@@ -95,12 +94,38 @@ def ensure_prepared(name: str, data_dir: str | None):
   return builder
 
 
+def _prepare_once(name: str, data_dir: str | None):
+  """Prepares a no-download dataset; a file lock lets concurrent processes (hosts) share the work."""
+  import fcntl
+  builder = tfds_builder(name, data_dir)
+  dataset_dir = os.path.dirname(str(builder.data_dir))
+  if '://' in dataset_dir:  # No locking on remote file systems.
+    builder.download_and_prepare()
+    return builder
+  os.makedirs(dataset_dir, exist_ok=True)
+  with open(os.path.join(dataset_dir, '.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = tfds_builder(name, data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+      builder = tfds_builder(name, data_dir)
+  return builder
+
+
+def _check_features(name: str, builder) -> None:
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise ValueError(f'dataset {name!r} has features {", ".join(features)}; an image-classification '
+                     "dataset needs 'image' and 'label'")
+
+
 class TfdsSource:
   """A TFDS split read at random access (ArrayRecord) with the image left encoded."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
     builder = ensure_prepared(name, data_dir)
+    _check_features(name, builder)
     if split not in builder.info.splits:
       raise ValueError(f'dataset {name!r} has no split {split!r}; valid splits: '
                        f'{", ".join(sorted(builder.info.splits))}')
