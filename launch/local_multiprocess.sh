@@ -92,15 +92,21 @@ export PYTHONUNBUFFERED=1
 PIDS=()
 TAIL_PID=''
 
+# True while a process exists and is not a zombie (read from /proc: no fork per check).
+is_alive() {
+  local stat
+  [[ -r "/proc/$1/stat" ]] && read -r stat <"/proc/$1/stat" 2>/dev/null || return 1
+  stat="${stat##*) }"
+  [[ "${stat%% *}" != Z ]]
+}
+
 # Stops every process still running: SIGTERM to its process group, SIGKILL after 10 s.
 stop_all() {
-  local pid i
+  local pid alive deadline=$((SECONDS + 10))
   for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for ((i = 0; i < 100; i++)); do
-    local alive=0
-    for pid in ${PIDS[@]+"${PIDS[@]}"}; do
-      [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" == Z* || -z "$(ps -o pid= -p "$pid" 2>/dev/null)" ]] || alive=1
-    done
+  while ((SECONDS < deadline)); do
+    alive=0
+    for pid in ${PIDS[@]+"${PIDS[@]}"}; do is_alive "$pid" && alive=1; done
     ((alive)) || break
     sleep 0.1
   done

@@ -7,6 +7,7 @@ CODE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOG_DIR="${MAMBAOUT_LOG_DIR:-$HOME/mambaout_jax_logs}"
 LOG="$LOG_DIR/train.log"
 PID_FILE="$LOG_DIR/train.pid"
+EXIT_FILE="$LOG_DIR/train.exit"
 HOST="$(hostname)"
 
 usage() {
@@ -19,7 +20,7 @@ The worker side of the launch/ scripts. Commands:
   start -- PROGRAM [ARGS...]  start PROGRAM detached (setsid + nohup: survives the ssh session)
                               in $CODE_DIR, appending its output to $LOG; refuses to start a
                               second one while the first still runs
-  status                      running or not, and the last line of the log
+  status                      running, or the exit status it ended with, and the last log line
   logs [--lines=N] [--follow] the last N lines of the log [default: 50], each prefixed with the host
   stop [--timeout=S]          SIGTERM to the program's process group, SIGKILL after S seconds
                               [default: 120]
@@ -78,9 +79,13 @@ cmd_start() {
     printf '%q ' "$@"
     echo
   } >>"$LOG"
+  rm -f "$EXIT_FILE"
   # setsid: own session and process group (stop.sh signals the whole group, and a dropped ssh
-  # connection's SIGHUP does not reach it); nohup for good measure.
-  nohup setsid "$@" >>"$LOG" 2>&1 </dev/null &
+  # connection's SIGHUP does not reach it); nohup for good measure. The wrapping shell records
+  # the exit status (its TERM trap only defers it until the program has exited).
+  nohup setsid bash -c 'trap true TERM INT; "$@"; rc=$?
+    echo "$rc" >"$0"; echo "==== $(date -u +%FT%TZ) exited with status $rc"; exit "$rc"' \
+    "$EXIT_FILE" "$@" >>"$LOG" 2>&1 </dev/null &
   echo $! >"$PID_FILE"
   echo "$HOST: started pid $!, log $LOG"
 }
@@ -88,7 +93,13 @@ cmd_start() {
 cmd_status() {
   local pid state last
   pid="$(running_pid)"
-  if [[ -n "$pid" ]]; then state="running (pid $pid)"; else state='not running'; fi
+  if [[ -n "$pid" ]]; then
+    state="running (pid $pid)"
+  elif [[ -f "$EXIT_FILE" ]]; then
+    state="exited with status $(cat "$EXIT_FILE")"
+  else
+    state='not running'
+  fi
   last="$(tail -n 1 "$LOG" 2>/dev/null || echo '(no log yet)')"
   echo "$HOST: $state; last log line: $last"
 }

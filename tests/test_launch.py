@@ -337,8 +337,13 @@ def test_run_command_executes_on_a_worker(root, tmp_path):
   assert got['cwd'] == str(code)
   assert got['argv'] == ['-m', 'mambaout_jax.main', '--config=configs/tiny.py',
                          '--workdir=gs://my-bkt/run', '--mode=train', *OVERRIDES]
-  log = (home / 'mambaout_jax_logs' / 'train.log').read_text()
-  assert 'start in' in log and 'trainer says hi' in log
+  for _ in range(100):
+    log = (home / 'mambaout_jax_logs' / 'train.log').read_text()
+    if 'exited with status' in log:
+      break
+    time.sleep(0.1)
+  assert 'start in' in log and 'trainer says hi' in log and 'exited with status 0' in log
+  assert (home / 'mambaout_jax_logs' / 'train.exit').read_text().strip() == '0'
 
 
 def assert_dead(pid, timeout=10):
@@ -395,7 +400,7 @@ def test_worker_start_status_logs_stop_and_restart(root, tmp_path):
   assert f'stopped pid {pid}' in stopped  # it exited on SIGTERM, no SIGKILL needed
   assert_dead(pid)
   assert 'SIGTERM: saving checkpoint' in (logs / 'train.log').read_text()
-  assert 'not running' in worker('status').stdout
+  assert 'exited with status 0' in worker('status').stdout  # the handler's sys.exit(0)
 
   # A re-run (after a stop or a preemption) starts again and appends to the same log.
   worker('start', '--', sys.executable, 'trainer.py')
@@ -412,6 +417,21 @@ def test_worker_stop_kills_a_trainer_that_ignores_sigterm(root, tmp_path):
   time.sleep(0.3)
   assert f'killed pid {pid}' in run('stop', '--timeout=1').stdout
   assert_dead(pid)
+  assert 'not running' in run('status').stdout
+
+
+def test_worker_status_reports_a_failed_run(root, tmp_path):
+  env = clean_env(MAMBAOUT_LOG_DIR=str(tmp_path / 'logs'))
+  run = lambda *a: subprocess.run(['bash', str(root / 'launch' / 'worker.sh'), *a],
+                                  capture_output=True, text=True, env=env, timeout=60, check=True)
+  run('start', '--', 'bash', '-c', 'echo "step 7: out of memory"; exit 5')
+  for _ in range(100):
+    if (tmp_path / 'logs' / 'train.exit').exists():
+      break
+    time.sleep(0.1)
+  status = run('status').stdout
+  assert 'exited with status 5' in status and 'last log line: ==== ' in status
+  assert 'step 7: out of memory' in run('logs', '--lines=3').stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +447,11 @@ FAKE_MAIN = textwrap.dedent("""\
       p.add_argument(name, type=int)
     p.add_argument('--fail_process', type=int, default=-1)
     p.add_argument('--sleep', type=float, default=0)
+    p.add_argument('--ignore_sigterm', action='store_true')
     args, rest = p.parse_known_args()
+    if args.ignore_sigterm:
+      import signal
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, f'pid_{args.process_id}'), 'w') as f:
       f.write(str(os.getpid()))
@@ -488,8 +512,10 @@ def test_local_multiprocess_wires_processes_with_jax_distributed(fake_main):
 
 
 def test_local_multiprocess_stops_everything_when_one_fails(fake_main):
+  """The survivors ignore SIGTERM (like a process stuck in a collective): SIGKILL gets them."""
   start, tmp = fake_main
-  p = start('--', f'--workdir={tmp / "wd"}', '--fail_process=1', '--sleep=60', n='3')
+  p = start('--', f'--workdir={tmp / "wd"}', '--fail_process=1', '--sleep=60', '--ignore_sigterm',
+            n='3')
   _, err = p.communicate(timeout=60)
   assert p.returncode == 3
   assert 'process 1 exited with status 3' in err and 'failing on purpose' in err
