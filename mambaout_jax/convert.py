@@ -65,6 +65,16 @@ def official_to_timm(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+_TOP_ORDER = {'stem': 0, 'stages': 1, 'head': 2}
+
+
+def natural_key(key: str):
+  """Sorts keys in model order: stem, stages, head; 'blocks.9' before 'blocks.10'."""
+  tokens = key.split('.')
+  return [_TOP_ORDER.get(tokens[0], 3)] + [
+      (0, int(t), '') if t.isdigit() else (1, 0, t) for t in tokens]
+
+
 def torch_key(path: tuple) -> str:
   return '.'.join(str(p) for p in path[:-1]) + '.' + _LEAF_TO_TORCH[path[-1]]
 
@@ -92,12 +102,12 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model, *, variant: str, so
   sd = official_to_timm(sd)
   expected = flat_params(model)
   by_torch = {torch_key(p): p for p in expected}
-  for k in sorted(sd):
+  for k in sorted(sd, key=natural_key):
     if k not in by_torch and not (reset_head and k in HEAD_KEYS):
       raise ValueError(f'{source} does not fit {variant}: unexpected key {k!r} (shape '
                        f'{tuple(sd[k].shape)}); is it a checkpoint of another variant?')
   params = {}
-  for k, path in sorted(by_torch.items()):
+  for k, path in sorted(by_torch.items(), key=lambda kv: natural_key(kv[0])):
     want = tuple(expected[path].shape)
     if reset_head and k in HEAD_KEYS:
       params[path] = np.asarray(expected[path])
@@ -107,8 +117,9 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model, *, variant: str, so
                        f'{tuple(to_torch_layout(np.empty(want)).shape)})')
     v = to_jax_layout(sd[k])
     if v.shape != want:
+      other_classes = k in HEAD_KEYS and v.shape[:-1] == want[:-1]
       hint = (' (a different number of classes: pass --num_classes and --reset_head)'
-              if k in HEAD_KEYS else '')
+              if other_classes else '')
       raise ValueError(f'{source} does not fit {variant}: key {k!r} has shape {tuple(sd[k].shape)} '
                        f'but {variant} expects {tuple(to_torch_layout(np.empty(want)).shape)}{hint}')
     params[path] = v.astype(np.float32)
