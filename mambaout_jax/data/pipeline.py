@@ -3,10 +3,13 @@
 Training (per host): indices 0..N-1 are shuffled globally with a new permutation each epoch
 (`grain.MapDataset.shuffle` + `repeat`); host `p` of `P` takes every P-th position of that global
 stream, so hosts read disjoint examples. Each example's augmentation draws from a generator seeded
-with (seed, epoch, source index), so it does not depend on workers, hosts or restarts. Examples
-that fail to decode are skipped (and logged) in the main process. Batches of `batch_size // P` are formed in the main
-process after the worker processes, so the stream is identical for any number of workers; the
-iterator's `get_state()` / `set_state()` resume it mid-epoch with exactly the same batches.
+with (seed, epoch, source index), so it does not depend on workers, hosts or restarts. Decoding
+and augmentation run in `input.num_workers` processes (0: in this process) with `input.num_threads`
+threads each; examples that fail to decode are skipped (and counted) after them, and batches of
+`batch_size // P` are formed in this process, so the stream is the same for any number of workers.
+The iterator's `get_state()` / `set_state()` resume it mid-epoch with exactly the same batches
+(restore with the same `num_workers`: the state records each worker's position). Close the
+iterator (`close()`) when done to stop its worker processes.
 
 Eval (per host): host `p` takes examples p, p + P, p + 2P, ... and pads them to the same number of
 batches on every host; padding rows (and undecodable images) have `mask` False.
