@@ -14,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
-POD_SCRIPTS = ['create', 'setup', 'run', 'status', 'logs', 'stop', 'delete']
+POD_SCRIPTS = ['create', 'setup', 'run', 'status', 'logs', 'stop', 'delete', 'relaunch']
 COMMON = ['--name=mo-pod', '--zone=us-central2-b']
 
 
@@ -546,3 +546,102 @@ def test_local_multiprocess_bad_arguments(args, message):
   p = subprocess.run([os.path.join(LAUNCH, 'local_multiprocess.sh'), *args], capture_output=True,
                      text=True, env=clean_env(), timeout=30)
   assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/relaunch.sh: bring a preempted run back (a fake gcloud plays the slice and its workers).
+
+RELAUNCH = ['--accelerator-type=v4-32', '--spot', '--config=configs/tiny.py',
+            '--workdir=gs://my-bkt/run', '--', "--config.note=it's a b"]
+
+
+@pytest.fixture
+def fake_cloud(tmp_path):
+  bin_dir = tmp_path / 'cloud_bin'
+  bin_dir.mkdir()
+  record = tmp_path / 'cloud_calls.jsonl'
+  (bin_dir / 'gcloud').write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, sys
+      args = sys.argv[1:]
+      with open({str(record)!r}, 'a') as f:
+        f.write(json.dumps(args) + '\\n')
+      if 'describe' in args:
+        state = os.environ['FAKE_STATE']
+        if state == 'MISSING':
+          sys.exit('ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND')
+        print(state)
+      elif 'ssh' in args and any(a.endswith('worker.sh status') for a in args):
+        print(os.environ['FAKE_STATUS'].replace('|', '\\n'))
+      """))
+  (bin_dir / 'gcloud').chmod(0o755)
+
+  def relaunch(root, state, status='', *extra):
+    if record.exists():
+      record.unlink()
+    env = clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_STATE=state, FAKE_STATUS=status,
+                    TMPDIR=str(tmp_path))
+    p = script(root, 'relaunch', *COMMON, *extra, *RELAUNCH, env=env, check=False)
+    calls = [json.loads(l) for l in record.read_text().splitlines()] if record.exists() else []
+    # Name each call by what it does: 'tpu-vm create', 'ssh worker.sh status', ...
+    names = []
+    for c in calls:
+      if c[3] == 'ssh':
+        cmd = flag(['gcloud', *c], '--command')
+        names.append('ssh ' + ('setup' if 'worker.sh setup' in cmd else cmd.split()[5]))
+      else:
+        names.append(f'{c[2]} {c[3]}')
+    return p, names, calls
+  return relaunch
+
+
+def test_relaunch_recreates_a_preempted_slice_and_resumes(root, fake_cloud):
+  p, names, calls = fake_cloud(root, 'PREEMPTED')
+  assert p.returncode == 0, p.stderr
+  assert names == ['tpu-vm describe', 'tpu-vm delete', 'tpu-vm create', 'tpu-vm scp', 'ssh setup',
+                   'ssh start']
+  create = ['gcloud', *calls[2]]
+  assert '--spot' in create and flag(create, '--accelerator-type') == 'v4-32'
+  start = shlex.split(flag(['gcloud', *calls[-1]], '--command'))
+  assert '--workdir=gs://my-bkt/run' in start and "--config.note=it's a b" in start
+
+
+def test_relaunch_leaves_a_healthy_run_alone(root, fake_cloud):
+  status = 'w0: running (pid 9); last log line: step 5|w1: running (pid 8); last log line: x'
+  p, names, _ = fake_cloud(root, 'READY', status)
+  assert p.returncode == 0, p.stderr
+  assert names == ['tpu-vm describe', 'ssh status']
+
+
+def test_relaunch_restarts_a_trainer_that_stopped_on_one_host(root, fake_cloud):
+  status = 'w0: running (pid 9); last log line: step 5|w1: exited with status 143; last log line: x'
+  p, names, _ = fake_cloud(root, 'READY', status)
+  assert p.returncode == 0, p.stderr
+  assert names == ['tpu-vm describe', 'ssh status', 'ssh stop', 'ssh start']
+
+
+def test_relaunch_stops_when_training_finished(root, fake_cloud):
+  status = 'w0: exited with status 0; last log line: done|w1: exited with status 0; last log line: x'
+  p, names, _ = fake_cloud(root, 'READY', status, '--watch=5')
+  assert p.returncode == 0 and 'finished on every host' in p.stderr
+  assert names == ['tpu-vm describe', 'ssh status']
+
+
+def test_relaunch_requeues_a_suspended_queued_resource(root, fake_cloud):
+  p, names, calls = fake_cloud(root, 'SUSPENDED', '', '--queued')
+  assert p.returncode == 0, p.stderr
+  # Set up and run wait for the next check, when the new queued resource is ACTIVE.
+  assert names == ['queued-resources describe', 'queued-resources delete',
+                   'queued-resources create']
+  assert '--force' in calls[1]
+
+
+def test_relaunch_dry_run_and_validation(root):
+  lines = [l for l in script(root, 'relaunch', *COMMON, '--dry-run', *RELAUNCH).stdout.splitlines()
+           if not l.startswith('#')]
+  assert [shlex.split(l)[3:5] for l in lines if l.startswith('gcloud')] == [
+      ['tpu-vm', 'describe'], ['tpu-vm', 'ssh'], ['tpu-vm', 'ssh'], ['tpu-vm', 'ssh'],
+      ['tpu-vm', 'delete'], ['tpu-vm', 'create'], ['tpu-vm', 'scp'], ['tpu-vm', 'ssh'],
+      ['tpu-vm', 'ssh']]
+  bad = script(root, 'relaunch', *COMMON, '--dry-run', *RELAUNCH[:-2], '--workdir=/local', check=False)
+  assert bad.returncode == 2 and bad.stderr.startswith('relaunch.sh: error: --workdir')
