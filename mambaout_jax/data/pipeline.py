@@ -121,7 +121,7 @@ def create_train_iterator(config, *, process_index: int = 0, process_count: int 
   if local_batch * process_count > num_examples:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {num_examples} training '
                      f'examples of {name!r}; lower batch_size')
-  ds = grain.MapDataset.range(num_examples).shuffle(seed=config.seed).repeat()
+  ds = grain.MapDataset.range(num_examples).shuffle(seed=config.seed % 2**32).repeat()
   ds = ds.map_with_index(EpochAndIndex(num_examples))
   ds = ds[process_index::process_count]
   ds = ds.map(TrainExample(source, T.TrainTransform.from_config(config), config.seed))
