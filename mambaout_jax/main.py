@@ -78,5 +78,35 @@ def main(argv):
     sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
+def _config_keys(config, prefix='') -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys += _config_keys(v, f'{prefix}{k}.') if hasattr(v, 'items') else [f'{prefix}{k}']
+  return keys
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a one-line error naming an unknown --config.KEY and the valid keys."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    if not paths:
+      raise
+    valid = _config_keys(_load_config_file(paths[-1]))
+    bad = [a.split('=')[0][len('--config.'):] for a in argv if a.startswith('--config.')]
+    bad = [k for k in bad if k not in valid] or [str(e)]
+    sys.exit(f'FATAL Flags parsing error: unknown config key {bad[0]!r} in {paths[-1]}; '
+             f'valid keys: {", ".join(valid)}')
+
+
+def _load_config_file(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('_mambaout_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -40,7 +40,13 @@ def mesh_shape(config_mesh: Sequence[Sequence[Any]], num_devices: int) -> tuple[
 
 
 def create_mesh(config_mesh, devices=None) -> Mesh:
+  """The ('data', 'fsdp') mesh over all devices; with fixed sizes whose product is smaller (and one
+  process), over the first devices only, e.g. (('data', 1), ('fsdp', 1)) for a 1-device run."""
   devices = jax.devices() if devices is None else list(devices)
+  sizes = dict(config_mesh)
+  wanted = int(np.prod([int(sizes.get(axis, 1)) for axis in MESH_AXES]))
+  if -1 not in sizes.values() and 0 < wanted < len(devices) and jax.process_count() == 1:
+    devices = devices[:wanted]
   shape = mesh_shape(config_mesh, len(devices))
   # Auto axes: XLA's sharding propagation (the pjit model) rather than sharding-in-types.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,

@@ -8,6 +8,7 @@ donated train state merges them inside. Every random draw derives from (config.s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -126,6 +127,73 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+# XLA:CPU spends most of a model initialiser's compile time optimising code that runs once.
+CPU_RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
+                                 'xla_llvm_disable_expensive_passes': True}
+
+
+def run_once(jitted, *args):
+  """Runs a jitted function that is called once (the initialiser), compiled cheaply on CPU.
+
+  Initialising inside jit gives one program with sharded outputs instead of hundreds of eager ops.
+  """
+  lowered = jitted.lower(*args)
+  options = CPU_RUN_ONCE_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  return lowered.compile(compiler_options=options)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  """What the loop (and `aot.py`) needs: the sharded initialiser and the two jitted steps."""
+  graphdef: Any
+  abstract_state: Any        # ShapeDtypeStructs carrying their target shardings
+  abstract_rest: Any
+  state_sharding: Any
+  init: Any                  # () -> (train state, rest of the model state), sharded
+  train_step: Any            # (state, batch, rest) -> (state, metrics); state donated
+  eval_step: Any             # (params, rest, batch) -> masked sums
+
+
+def create_step_functions(config, mesh, num_classes: int, schedule_steps_per_epoch: float,
+                          ) -> StepFunctions:
+  """Model (split once), optimizer, train state layout and the jitted steps with their shardings."""
+  tx, schedule = optim.create_optimizer(config, schedule_steps_per_epoch)
+
+  def init_model():
+    _, params, rest = nnx.split(build_model(config, num_classes), nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def init_state(params):
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    if config.ema_decay > 0:
+      state['ema_params'] = params
+    return state
+
+  def init():
+    params, rest = init_model()
+    return init_state(params), rest
+
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, num_classes)), nnx.Param, ...)[0]
+  abstract_state, abstract_rest = jax.eval_shape(init)
+  repl = shd.replicated(mesh)
+  state_sharding = shd.state_shardings(mesh, abstract_state)
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  abstract_state = jax.tree.map(with_sharding, abstract_state, state_sharding)
+  abstract_rest = jax.tree.map(lambda a: with_sharding(a, repl), abstract_rest)
+  batch_sharding = shd.batch_sharding(mesh)
+  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                              config=config, num_classes=num_classes, mesh=mesh)
+  return StepFunctions(
+      graphdef=graphdef, abstract_state=abstract_state, abstract_rest=abstract_rest,
+      state_sharding=state_sharding,
+      init=functools.partial(run_once, jax.jit(init, out_shardings=(state_sharding, repl))),
+      train_step=jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, repl),
+                         out_shardings=(state_sharding, repl), donate_argnums=(0,)),
+      eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                        in_shardings=(state_sharding['params'], repl, batch_sharding),
+                        out_shardings=repl))
+
+
 # ----------------------------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str, float]:
@@ -158,40 +226,13 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = data_lib.create_train_iterator(config, **process) if mode == 'train' else None
 
-  # ---------------------------------------------------------------------------------- model
-  model = build_model(config, num_classes)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  del model
+  # ------------------------------------------------- model, optimizer, train state, steps
+  fns = create_step_functions(config, mesh, num_classes, schedule_steps_per_epoch)
   logging.info('%s, %d classes, parameters:\n%s', config.model.name, num_classes,
-               parameter_summary(params))
+               parameter_summary(fns.abstract_state['params']))
+  state, rest = fns.init()
+  jit_train_step, jit_eval_step = fns.train_step, fns.eval_step
   variant_kwargs = {'num_classes': num_classes}
-
-  # ------------------------------------------------------------------------------ optimizer
-  tx, schedule = optim.create_optimizer(config, schedule_steps_per_epoch)
-
-  # ---------------------------------------------------------------------------- train state
-  def init_state(params):
-    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-    if config.ema_decay > 0:
-      state['ema_params'] = params
-    return state
-
-  abstract_state = jax.eval_shape(init_state, params)
-  state_sharding = shd.state_shardings(mesh, abstract_state)
-  state = jax.jit(init_state, out_shardings=state_sharding)(params)
-  rest = jax.device_put(rest, repl)
-  del params
-
-  # ---------------------------------------------------------------------------------- steps
-  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                              config=config, num_classes=num_classes, mesh=mesh)
-  batch_sharding = shd.batch_sharding(mesh)
-  jit_train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, repl),
-                           out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  jit_eval_step = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                          in_shardings=(state_sharding['params'], repl, batch_sharding),
-                          out_shardings=repl)
 
   def evaluate(step: int) -> dict[str, float]:
     t0 = time.time()
@@ -222,8 +263,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
       async_save=config.async_checkpointing)
   meta = {'variant': config.model.name, 'model_kwargs': variant_kwargs}
   restored = ckpt_lib.restore_latest_train_state(
-      manager, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, state_sharding),
+      manager, fns.abstract_state,
       data_iterator=train_iter, variant=config.model.name, model_kwargs=variant_kwargs,
       log=logging.warning)
   if restored is not None:
