@@ -47,6 +47,7 @@ def check_variant(variant, tmp_path, batch):
     assert got.shape == want.shape
     assert errors[fname] < 1e-5, (variant, fname, errors[fname])
   PARITY_RESULTS[variant] = max(errors.values())
+  print(f'\nparity {variant}: max relative logit error {errors}')
   return errors
 
 
