@@ -106,7 +106,8 @@ def main():
   jpegs = [photo_jpeg(i, args.width, args.height) for i in range(args.num_images)]
   spec = 'rand-m9-mstd0.5-inc1'
 
-  ours_fn = transforms.TrainTransform(size=args.size, randaugment=randaugment.parse_randaugment(spec))
+  ours_fn = transforms.TrainTransform(
+      size=args.size, randaugment=randaugment.parse_randaugment(spec))
   ours_no_draft_fn = transforms.TrainTransform(
       size=args.size, randaugment=randaugment.parse_randaugment(spec), jpeg_draft=False)
   timm_fn = timm.data.create_transform(
@@ -131,9 +132,9 @@ def main():
       'ours_no_draft_img_per_s_per_core': images_per_second(ours_no_draft, jpegs, args.repeats),
       'timm_img_per_s_per_core': images_per_second(timm_transform, jpegs, args.repeats),
   }
-  results['speedup_vs_timm'] = results['ours_img_per_s_per_core'] / results['timm_img_per_s_per_core']
-  results['speedup_vs_timm_no_draft'] = (
-      results['ours_no_draft_img_per_s_per_core'] / results['timm_img_per_s_per_core'])
+  timm_speed = results['timm_img_per_s_per_core']
+  results['speedup_vs_timm'] = results['ours_img_per_s_per_core'] / timm_speed
+  results['speedup_vs_timm_no_draft'] = results['ours_no_draft_img_per_s_per_core'] / timm_speed
   for workers in filter(None, args.pipeline_workers.split(',')):
     results[f'pipeline_img_per_s_workers_{workers}'] = pipeline_images_per_second(
         jpegs, args.size, int(workers))

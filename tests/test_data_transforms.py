@@ -1,4 +1,4 @@
-"""Transforms against timm/torchvision on fixed inputs, RandAugment ops, random erasing, Mixup/CutMix."""
+"""Transforms vs timm/torchvision on fixed inputs, RandAugment ops, random erasing, Mixup/CutMix."""
 import functools
 import io
 
@@ -84,7 +84,8 @@ def test_jpeg_draft_decodes_large_crops_at_reduced_size_close_to_full_decode():
 def test_random_resized_crop_params_follow_torchvision():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    top, left, h, w = T.random_resized_crop_params(rng, 120, 80, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    top, left, h, w = T.random_resized_crop_params(rng, 120, 80, scale=(0.08, 1.0),
+                                                   ratio=(3 / 4, 4 / 3))
     assert 0 <= top <= 80 - h and 0 <= left <= 120 - w
     assert 0.08 * 9600 * 0.9 <= h * w <= 9600
   # No legal crop in 10 attempts: a centre crop at the closest legal ratio, as torchvision.
@@ -120,7 +121,8 @@ def test_randaugment_op_matches_timm(name, magnitude, negate, monkeypatch):
   args = level_fn(magnitude, hparams) if level_fn is not None else ()
   if name.startswith('Posterize') and args[0] <= 0:  # Pillow rejects 0 bits; timm would crash.
     pytest.skip('timm passes 0 bits to ImageOps.posterize')
-  reference = timm_aa.NAME_TO_OP[name](img, *args, fillcolor=(124, 116, 104), resample=Image.BICUBIC)
+  reference = timm_aa.NAME_TO_OP[name](img, *args, fillcolor=(124, 116, 104),
+                                       resample=Image.BICUBIC)
   ours = RA.apply_op(img, name, magnitude, negate=negate, fill=(124, 116, 104),
                      resample=Image.BICUBIC)
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference))
@@ -148,8 +150,9 @@ def test_randaugment_applies_about_one_op_per_image_on_average():
   """2 layers at p=0.5: 25% of images untouched (timm's semantics), the rest changed."""
   augment = RA.parse_randaugment('rand-m9-mstd0.5-inc1')
   img = photo(24, 24)
-  untouched = sum(np.array_equal(np.asarray(augment(img, np.random.default_rng(i))), np.asarray(img))
-                  for i in range(400))
+  untouched = sum(
+      np.array_equal(np.asarray(augment(img, np.random.default_rng(i))), np.asarray(img))
+      for i in range(400))
   assert 60 <= untouched <= 150, untouched  # ~100 expected; some ops can be no-ops on an image.
 
 

@@ -3,7 +3,8 @@
 1797 real 8x8 grey-level scans of handwritten digits (UCI "optdigits" test set, 10 classes) ship
 inside scikit-learn, so preparing this dataset needs no download. It goes through exactly the same
 path as ImageNet: a TFDS builder prepared in ArrayRecord format, PNG bytes decoded by us.
-Every fifth example (in scikit-learn's order) is the `validation` split (360), the rest `train` (1437).
+Every fifth example (in scikit-learn's order) is the `validation` split (360), the rest `train`
+(1437).
 """
 from __future__ import annotations
 

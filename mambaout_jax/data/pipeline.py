@@ -29,9 +29,10 @@ from mambaout_jax.data import sources
 from mambaout_jax.data import transforms as T
 
 
-def _dataset_args(config, split_key: str, default_split: str):
+def _open_source(config, split_key: str, default_split: str):
   ds = config.dataset
-  return ds.name, ds.get(split_key, default_split), (ds.get('data_dir', '') or None)
+  split, data_dir = ds.get(split_key, default_split), ds.get('data_dir', '') or None
+  return sources.open_source(ds.name, split, data_dir, class_split=ds.get('train_split', 'train'))
 
 
 def _read_options(config, local_batch: int) -> grain.ReadOptions:
@@ -46,7 +47,7 @@ def _read_options(config, local_batch: int) -> grain.ReadOptions:
 def _multiprocessing(ds: grain.IterDataset, config) -> grain.IterDataset:
   num_workers = config.get('input', {}).get('num_workers', 0)
   if num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; in Colab/tests none were parsed.
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; Colab/tests parse none.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds
@@ -86,8 +87,8 @@ class TrainExample(grain.transforms.Map):
     try:
       image = self.transform(record['image'], rng)
     except T.ImageDecodeError as e:
-      logging.warning('skipping example %d of the training split (epoch %d): cannot decode image: %s',
-                      index, epoch, e)
+      logging.warning('skipping example %d of the training split (epoch %d): cannot decode '
+                      'image: %s', index, epoch, e)
       return {'image': np.zeros((1, 1, 3), np.float32), 'label': np.int32(-1), 'valid': False}
     return {'image': image, 'label': np.int32(record['label']), 'valid': True}
 
@@ -102,7 +103,8 @@ class DropInvalid(grain.transforms.Filter):
     if element['valid']:
       return True
     self.num_skipped += 1
-    logging.warning('skipped %d undecodable training image(s) so far on this host', self.num_skipped)
+    logging.warning('skipped %d undecodable training image(s) so far on this host',
+                    self.num_skipped)
     return False
 
 
@@ -114,13 +116,12 @@ class WithoutValid(grain.transforms.Map):
 
 def create_train_iterator(config, *, process_index: int = 0, process_count: int = 1):
   """Infinite iterator of host-local batches {'image' float32 (b, S, S, 3), 'label' int32 (b,)}."""
-  name, split, data_dir = _dataset_args(config, 'train_split', 'train')
   local_batch = _per_host(config.batch_size, process_count, 'batch_size')
-  source = sources.open_source(name, split, data_dir)
+  source = _open_source(config, 'train_split', 'train')
   num_examples = len(source)
   if local_batch * process_count > num_examples:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {num_examples} training '
-                     f'examples of {name!r}; lower batch_size')
+                     f'examples of {config.dataset.name!r}; lower batch_size')
   ds = grain.MapDataset.range(num_examples).shuffle(seed=config.seed % 2**32).repeat()
   ds = ds.map_with_index(EpochAndIndex(num_examples))
   ds = ds[process_index::process_count]
@@ -154,7 +155,8 @@ class EvalExample(grain.transforms.Map):
         image = self.transform(record['image'])
         return {'image': image, 'label': np.int32(record['label']), 'mask': np.True_}
       except T.ImageDecodeError as e:
-        logging.warning('example %d of the eval split cannot be decoded (%s); it is masked out', index, e)
+        logging.warning('example %d of the eval split cannot be decoded (%s); it is masked out',
+                        index, e)
     size = self.transform.size
     return {'image': np.zeros((size, size, 3), np.float32), 'label': np.int32(0), 'mask': np.False_}
 
@@ -165,10 +167,9 @@ def num_eval_batches(num_examples: int, local_batch: int, process_count: int) ->
 
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1):
   """One pass over the eval split; host batches {'image', 'label', 'mask'}, same count per host."""
-  name, split, data_dir = _dataset_args(config, 'eval_split', 'validation')
   eval_batch = config.get('eval_batch_size', config.get('batch_size'))
   local_batch = _per_host(eval_batch, process_count, 'eval_batch_size')
-  source = sources.open_source(name, split, data_dir)
+  source = _open_source(config, 'eval_split', 'validation')
   num_examples = len(source)
   num_batches = num_eval_batches(num_examples, local_batch, process_count)
   transform = T.EvalTransform.from_config(config)

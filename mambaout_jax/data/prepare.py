@@ -26,7 +26,8 @@ from absl import logging
 _DATASET = flags.DEFINE_string('dataset', 'imagenet2012', 'TFDS dataset name.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data dir to prepare into; "" = TFDS default.')
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', '', 'Directory with manually downloaded files (imagenet2012: the ILSVRC2012 tars).')
+    'manual_dir', '',
+    'Directory with manually downloaded files (imagenet2012: the ILSVRC2012 tars).')
 _CONVERT_EXISTING = flags.DEFINE_bool(
     'convert_existing', False,
     'Convert an existing TFRecord preparation of --dataset in --data_dir to ArrayRecord.')

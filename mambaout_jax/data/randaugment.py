@@ -64,7 +64,7 @@ def solarize_add(img, add, thresh=128, **_):
 def posterize(img, bits, **_):
   if bits >= 8:
     return img
-  if bits <= 0:  # Keep no bit: black. (timm calls ImageOps.posterize(img, 0), which Pillow rejects.)
+  if bits <= 0:  # No bit kept: black. (timm calls ImageOps.posterize(img, 0); Pillow rejects it.)
     return img.point([0] * 256 * len(img.getbands()))
   return ImageOps.posterize(img, bits)
 
@@ -178,14 +178,15 @@ def parse_randaugment(spec: str, *, fill=(124, 116, 104), interpolation=None) ->
     return None
   parts = spec.split('-')
   if parts[0] != 'rand':
-    raise ValueError(f'RandAugment spec {spec!r} must start with "rand-", e.g. "rand-m9-mstd0.5-inc1"')
+    raise ValueError(
+        f'RandAugment spec {spec!r} must start with "rand-", e.g. "rand-m9-mstd0.5-inc1"')
   kwargs: dict = {}
   increasing = False
   for part in parts[1:]:
     match = re.fullmatch(r'([a-z]+)([\d.]+)', part)
     if match is None:
-      raise ValueError(f'cannot parse {part!r} in RandAugment spec {spec!r}; sections look like m9, n2, '
-                       'mstd0.5, mmax10, inc1, p0.5')
+      raise ValueError(f'cannot parse {part!r} in RandAugment spec {spec!r}; sections look like '
+                       'm9, n2, mstd0.5, mmax10, inc1, p0.5')
     key, value = match.groups()
     if key == 'm':
       kwargs['magnitude'] = float(value)
@@ -200,7 +201,7 @@ def parse_randaugment(spec: str, *, fill=(124, 116, 104), interpolation=None) ->
     elif key == 'inc':
       increasing = bool(int(value))
     else:
-      raise ValueError(f'unknown section {part!r} in RandAugment spec {spec!r}; known: m, n, p, mstd, '
-                       'mmax, inc')
+      raise ValueError(f'unknown section {part!r} in RandAugment spec {spec!r}; known: m, n, p, '
+                       'mstd, mmax, inc')
   ops = INCREASING_OPS if increasing else ORIGINAL_OPS
   return RandAugment(ops=ops, fill=tuple(fill), interpolation=interpolation, **kwargs)

@@ -87,15 +87,16 @@ def ensure_prepared(name: str, data_dir: str | None):
         f'{prepare_command(name, data_dir)}')
   if not _has_array_record(builder):
     raise DatasetNotFoundError(
-        f'dataset {name!r} in {builder.data_dir!r} is prepared as {builder.info.file_format.value}, '
-        f'not ArrayRecord (needed for random access); convert it with: '
+        f'dataset {name!r} in {builder.data_dir!r} is prepared as '
+        f'{builder.info.file_format.value}, not ArrayRecord (needed for random access); '
+        'convert it with: '
         f'{prepare_command(name, data_dir).replace(" --manual_dir=DIR_WITH_ILSVRC2012_TARS", "")}'
         ' --convert_existing')
   return builder
 
 
 def _prepare_once(name: str, data_dir: str | None):
-  """Prepares a no-download dataset; a file lock lets concurrent processes (hosts) share the work."""
+  """Prepares a no-download dataset; a file lock lets concurrent processes share the work."""
   import fcntl
   builder = tfds_builder(name, data_dir)
   dataset_dir = os.path.dirname(str(builder.data_dir))
@@ -115,8 +116,8 @@ def _prepare_once(name: str, data_dir: str | None):
 def _check_features(name: str, builder) -> None:
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
-    raise ValueError(f'dataset {name!r} has features {", ".join(features)}; an image-classification '
-                     "dataset needs 'image' and 'label'")
+    raise ValueError(f'dataset {name!r} has features {", ".join(features)}; an '
+                     "image-classification dataset needs 'image' and 'label'")
 
 
 class TfdsSource:
@@ -142,56 +143,65 @@ class TfdsSource:
 
 
 # ----------------------------------------------------------------------------------------------
-# ImageFolder: ROOT/<split>/<class name>/<image file>
+# ImageFolder: ROOT/<split>/<class name>/<image file> (a local path or a gs:// bucket)
 
 
-def _list_classes(split_dir: str) -> list[str]:
-  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+def _list_classes(split_dir) -> list[str]:
+  return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+
+
+def _image_files(directory):
+  for path in sorted(directory.iterdir()):
+    if path.is_dir():
+      yield from _image_files(path)
+    elif path.suffix.lower() in IMAGE_EXTENSIONS:
+      yield path
 
 
 class FolderSource:
-  """Images in `root/split/<class>/...`; classes are the sorted sub-directory names of `train`."""
+  """Images in `root/split/<class>/...`; classes are the sorted sub-directories of `class_split`."""
 
-  def __init__(self, root: str, split: str, class_names: Sequence[str] | None = None):
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
+  def __init__(self, root: str, split: str, class_split: str = 'train'):
+    from etils import epath
+    split_dir = epath.Path(root) / split
+    if not split_dir.is_dir():
       raise DatasetNotFoundError(
-          f'image folder split {split_dir!r} does not exist; expected {root}/{split}/<class>/<image>')
-    self.class_names = list(class_names) if class_names is not None else _list_classes(split_dir)
+          f'image folder split {str(split_dir)!r} does not exist; expected '
+          f'{root}/{split}/<class>/<image>')
+    class_dir = epath.Path(root) / class_split
+    self.class_names = _list_classes(class_dir if class_dir.is_dir() else split_dir)
     if not self.class_names:
-      raise DatasetNotFoundError(f'no class sub-directories in {split_dir!r}')
+      raise DatasetNotFoundError(f'no class sub-directories in {str(split_dir)!r}')
     self.num_classes = len(self.class_names)
     self._files: list[tuple[str, int]] = []
     for label, class_name in enumerate(self.class_names):
-      class_dir = os.path.join(split_dir, class_name)
-      if not os.path.isdir(class_dir):
-        continue
-      for dirpath, _, filenames in sorted(os.walk(class_dir)):
-        for filename in sorted(filenames):
-          if filename.lower().endswith(IMAGE_EXTENSIONS):
-            self._files.append((os.path.join(dirpath, filename), label))
+      if (split_dir / class_name).is_dir():
+        self._files.extend((str(path), label) for path in _image_files(split_dir / class_name))
     if not self._files:
-      raise DatasetNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir!r}')
+      raise DatasetNotFoundError(
+          f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {str(split_dir)!r}')
 
   def __len__(self) -> int:
     return len(self._files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    from etils import epath
     path, label = self._files[index]
-    with open(path, 'rb') as f:
-      return {'image': f.read(), 'label': label}
+    return {'image': epath.Path(path).read_bytes(), 'label': label}
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def open_source(name: str, split: str, data_dir: str | None = None) -> Source:
-  """The split `split` of dataset `name` ('folder:/path' or a TFDS name) as a random-access source."""
+def open_source(name: str, split: str, data_dir: str | None = None, *,
+                class_split: str = 'train') -> Source:
+  """Split `split` of dataset `name` ('folder:/path' or a TFDS name) as a random-access source.
+
+  For an image folder, the class names (and so the labels) come from the sub-directories of
+  `class_split` (the training split), so every split uses the same label numbering.
+  """
   if name.startswith(FOLDER_PREFIX):
-    root = name[len(FOLDER_PREFIX):]
-    train_dir = os.path.join(root, 'train')
-    class_names = _list_classes(train_dir) if os.path.isdir(train_dir) else None
-    return FolderSource(root, split, class_names)
+    return FolderSource(name[len(FOLDER_PREFIX):], split, class_split)
   return TfdsSource(name, split, data_dir)
 
 
@@ -201,7 +211,8 @@ def get_dataset_info(config) -> DatasetInfo:
   data_dir = ds.get('data_dir', '') or None
   train_split, eval_split = ds.get('train_split', 'train'), ds.get('eval_split', 'validation')
   if ds.name.startswith(FOLDER_PREFIX):
-    train, evaluation = open_source(ds.name, train_split), open_source(ds.name, eval_split)
+    train = open_source(ds.name, train_split, class_split=train_split)
+    evaluation = open_source(ds.name, eval_split, class_split=train_split)
     num_classes, num_train, num_eval = train.num_classes, len(train), len(evaluation)
   else:
     builder = ensure_prepared(ds.name, data_dir)

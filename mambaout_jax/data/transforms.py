@@ -55,7 +55,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def normalize(img: Image.Image | np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-  """uint8 HWC -> float32 (x / 255 - mean) / std, as torchvision's ToTensor + Normalize (to ~1e-7)."""
+  """uint8 HWC -> float32 (x / 255 - mean) / std: torchvision's ToTensor + Normalize, to ~1e-7."""
   scale = 1.0 / (255.0 * np.asarray(std, np.float64))
   bias = -np.asarray(mean, np.float64) / np.asarray(std, np.float64)
   x = np.asarray(img, dtype=np.float32)  # A fresh array: PIL images are copied.
@@ -70,9 +70,10 @@ def normalize(img: Image.Image | np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_ST
 # RandomResizedCrop
 
 
-def random_resized_crop_params(rng: np.random.Generator, width: int, height: int,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-  """(top, left, crop_h, crop_w) as torchvision/timm: 10 tries, then a centre crop of legal ratio."""
+def random_resized_crop_params(
+    rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(top, left, crop_h, crop_w) as torchvision/timm: 10 tries, then a centre crop, legal ratio."""
   area = width * height
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
@@ -154,13 +155,14 @@ def _interpolation(name: str):
   if name == 'random':
     return None
   if name not in INTERPOLATIONS:
-    raise ValueError(f'unknown interpolation {name!r}; use random or one of {", ".join(INTERPOLATIONS)}')
+    raise ValueError(
+        f'unknown interpolation {name!r}; use random or one of {", ".join(INTERPOLATIONS)}')
   return INTERPOLATIONS[name]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """encoded bytes + rng -> float32 (size, size, 3), the timm `create_transform(is_training=True)`."""
+  """encoded bytes + rng -> float32 (size, size, 3): timm's `create_transform(is_training=True)`."""
   size: int = 224
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
