@@ -53,7 +53,8 @@ cmd_setup() {
   [[ -n "$jax" ]] || die "requirements.txt pins no jax==VERSION"
   if ! command -v uv >/dev/null && [[ ! -x "$HOME/.local/bin/uv" ]]; then
     python3 -m pip install --quiet --user uv 2>/dev/null ||
-      python3 -m pip install --quiet --user --break-system-packages uv
+      python3 -m pip install --quiet --user --break-system-packages uv 2>/dev/null ||
+      curl -LsSf https://astral.sh/uv/install.sh | env UV_INSTALL_DIR="$HOME/.local/bin" sh
   fi
   uv="$(command -v uv || echo "$HOME/.local/bin/uv")"
   [[ -x venv/bin/python ]] || "$uv" venv --quiet --python "$python" venv

@@ -408,6 +408,42 @@ def test_worker_start_status_logs_stop_and_restart(root, tmp_path):
   assert (logs / 'train.log').read_text().count(' start in ') == 2
 
 
+def test_worker_setup_builds_the_venv_with_jax_tpu(root, tmp_path):
+  """`worker.sh setup` with a stand-in uv (records its calls, makes venv/bin/python)."""
+  bin_dir = tmp_path / 'uv_bin'
+  bin_dir.mkdir()
+  calls = tmp_path / 'uv_calls.jsonl'
+  (bin_dir / 'uv').write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, sys
+      with open({str(calls)!r}, 'a') as f:
+        f.write(json.dumps(sys.argv[1:]) + '\\n')
+      if sys.argv[1] == 'venv':
+        os.makedirs(sys.argv[-1] + '/bin')
+        with open(sys.argv[-1] + '/bin/python', 'w') as f:
+          f.write('#!/bin/sh\\nexec {sys.executable} "$@"\\n')
+        os.chmod(sys.argv[-1] + '/bin/python', 0o755)
+      """))
+  (bin_dir / 'uv').chmod(0o755)
+  (root / 'mambaout_jax').mkdir()
+  (root / 'mambaout_jax' / '__init__.py').write_text('')
+  env = clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  p = subprocess.run(['bash', str(root / 'launch' / 'worker.sh'), 'setup', '--python=3.12'],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 0, p.stderr
+  jax_pin = [l for l in (root / 'requirements.txt').read_text().splitlines()
+             if l.startswith('jax==')][0].split('==')[1]
+  assert [json.loads(l) for l in calls.read_text().splitlines()] == [
+      ['venv', '--quiet', '--python', '3.12', 'venv'],
+      ['pip', 'install', '--quiet', '--python', 'venv/bin/python', '-r', 'requirements.txt',
+       f'jax[tpu]=={jax_pin}']]
+  assert f'jax {jax_pin} ready' in p.stdout
+  # Run again (a re-setup after a code change): the venv is kept, requirements re-installed.
+  subprocess.run(['bash', str(root / 'launch' / 'worker.sh'), 'setup'], env=env, check=True,
+                 capture_output=True, timeout=120)
+  assert [json.loads(l)[0] for l in calls.read_text().splitlines()] == ['venv', 'pip', 'pip']
+
+
 def test_worker_stop_kills_a_trainer_that_ignores_sigterm(root, tmp_path):
   env = clean_env(MAMBAOUT_LOG_DIR=str(tmp_path / 'logs'))
   run = lambda *a: subprocess.run(['bash', str(root / 'launch' / 'worker.sh'), *a],
