@@ -95,6 +95,21 @@ def test_random_resized_crop_params_follow_torchvision():
       (400 - 53) // 2, 0, 53, 40)
 
 
+def test_random_resized_crop_distribution_matches_torchvision():
+  from torchvision.transforms import RandomResizedCrop
+  torch.manual_seed(0)
+  rng, img = np.random.default_rng(0), photo(160, 120)
+  ours = np.array([T.random_resized_crop_params(rng, 160, 120) for _ in range(3000)], np.float64)
+  theirs = np.array([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+                     for _ in range(3000)], np.float64)
+  for params in (ours, theirs):
+    params[:, 0] = params[:, 2] * params[:, 3] / (160 * 120)  # area fraction
+    params[:, 1] = np.log(params[:, 3] / params[:, 2])  # log aspect ratio
+  for column in (0, 1):
+    np.testing.assert_allclose(np.percentile(ours[:, column], [10, 50, 90]),
+                               np.percentile(theirs[:, column], [10, 50, 90]), atol=0.03)
+
+
 def test_train_transform_is_deterministic_given_the_generator():
   transform = T.TrainTransform(size=32, randaugment=RA.parse_randaugment('rand-m9-mstd0.5-inc1'))
   data = encode(photo(80, 60), 'JPEG')
