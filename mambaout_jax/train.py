@@ -49,8 +49,11 @@ def model_kwargs(config, num_classes: int) -> dict:
   if config.model.dtype not in DTYPES:
     raise ValueError(f'unknown config.model.dtype {config.model.dtype!r}; choose one of '
                      f'{sorted(DTYPES)}')
-  return dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
-              dtype=DTYPES[config.model.dtype])
+  kwargs = dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
+                dtype=DTYPES[config.model.dtype])
+  if config.model.get('dwconv_impl', 'auto') != 'auto':  # e.g. aot.py compiling TPU code on CPU
+    kwargs['dwconv_impl'] = config.model.dwconv_impl
+  return kwargs
 
 
 def build_model(config, num_classes: int):
