@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2088  # variables are used by the sourcing scripts; ~ expands remotely
 # Shared helpers for the launch/ scripts. Sourced, not executed.
 #
 # Every script prints the exact commands it runs with `--dry-run` (one per line, quoted so that
