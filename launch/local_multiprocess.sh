@@ -131,7 +131,8 @@ for ((i = 0; i < NUM; i++)); do
     >"$LOG_DIR/process_$i.log" 2>&1 </dev/null &
   PIDS+=($!)
 done
-tail -n +1 -F "$LOG_DIR/process_0.log" 2>/dev/null &
+# Shows process 0's log as it grows; exits by itself once process 0 has ended and all is shown.
+tail -n +1 -F --pid="${PIDS[0]}" "$LOG_DIR/process_0.log" 2>/dev/null &
 TAIL_PID=$!
 
 declare -A INDEX RUNNING
@@ -146,14 +147,16 @@ while ((${#RUNNING[@]} > 0)); do
   if ((rc != 0)); then
     i="${INDEX[$finished]}"
     status=$rc
-    sleep 0.5  # let the tail show process 0's last lines
     echo "$PROG: process $i exited with status $rc; stopping the others. Last lines of $LOG_DIR/process_$i.log:" >&2
     tail -n 20 "$LOG_DIR/process_$i.log" | sed "s/^/  [process $i] /" >&2
     break
   fi
 done
 trap - INT TERM
-sleep 0.2
+if ((status == 0)); then
+  wait "$TAIL_PID" || true
+  TAIL_PID=''
+fi
 stop_all
 if ((status == 0)); then
   echo "$PROG: all $NUM processes succeeded; logs in $LOG_DIR" >&2
