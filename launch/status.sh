@@ -41,8 +41,12 @@ if ((QUEUED)); then
   gcloud_run compute tpus queued-resources describe "$NAME" "--zone=$ZONE" \
     '--format=table(name.basename(),state.state,tpu.nodeSpec[0].node.acceleratorType)'
 fi
-gcloud_run compute tpus tpu-vm describe "$NAME" "--zone=$ZONE" \
-  '--format=table(name.basename(),state,health,acceleratorType,runtimeVersion)'
+if ! gcloud_run compute tpus tpu-vm describe "$NAME" "--zone=$ZONE" \
+  '--format=table(name.basename(),state,health,acceleratorType,runtimeVersion)'; then
+  echo "$PROG: no TPU VM '$NAME' in $ZONE$( ((QUEUED)) && echo ' yet: the queued resource has not been served')" >&2
+  ((QUEUED)) && exit 0
+  exit 1
+fi
 
 ((WORKERS)) || exit 0
 worker_ssh "$WORKER" status

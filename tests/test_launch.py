@@ -604,6 +604,8 @@ def fake_cloud(tmp_path):
         f.write(json.dumps(args) + '\\n')
       if 'describe' in args:
         state = os.environ['FAKE_STATE']
+        if 'queued-resources' in args:
+          state = os.environ.get('FAKE_QR_STATE', state)
         if state == 'MISSING':
           sys.exit('ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND')
         print(state)
@@ -612,11 +614,14 @@ def fake_cloud(tmp_path):
       """))
   (bin_dir / 'gcloud').chmod(0o755)
 
+  def make_env(state, status='', **extra):
+    return clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_STATE=state, FAKE_STATUS=status,
+                     TMPDIR=str(tmp_path), **extra)
+
   def relaunch(root, state, status='', *extra):
     if record.exists():
       record.unlink()
-    env = clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_STATE=state, FAKE_STATUS=status,
-                    TMPDIR=str(tmp_path))
+    env = make_env(state, status)
     p = script(root, 'relaunch', *COMMON, *extra, *RELAUNCH, env=env, check=False)
     calls = [json.loads(l) for l in record.read_text().splitlines()] if record.exists() else []
     # Name each call by what it does: 'tpu-vm create', 'ssh worker.sh status', ...
@@ -628,6 +633,7 @@ def fake_cloud(tmp_path):
       else:
         names.append(f'{c[2]} {c[3]}')
     return p, names, calls
+  relaunch.env = make_env
   return relaunch
 
 
@@ -681,3 +687,14 @@ def test_relaunch_dry_run_and_validation(root):
       ['tpu-vm', 'ssh']]
   bad = script(root, 'relaunch', *COMMON, '--dry-run', *RELAUNCH[:-2], '--workdir=/local', check=False)
   assert bad.returncode == 2 and bad.stderr.startswith('relaunch.sh: error: --workdir')
+
+
+
+def test_status_of_a_queued_resource_still_waiting(root, fake_cloud):
+  """No TPU VM yet is normal for a queued resource: status says so and succeeds."""
+  env = fake_cloud.env('MISSING', FAKE_QR_STATE='WAITING_FOR_RESOURCES')
+  p = script(root, 'status', *COMMON, '--queued', env=env)
+  assert p.stdout.strip() == 'WAITING_FOR_RESOURCES'
+  assert "no TPU VM 'mo-pod' in us-central2-b yet" in p.stderr
+  p = script(root, 'status', *COMMON, env=env, check=False)
+  assert p.returncode == 1 and "no TPU VM 'mo-pod' in us-central2-b" in p.stderr
