@@ -162,10 +162,33 @@ def test_auto_mode_picks_per_backend():
   assert ssm.default_scan_mode('cpu') == 'sequential'
   assert ssm.default_scan_mode('tpu') == 'chunked'
   assert ssm.default_scan_mode('gpu') == 'chunked'
+  assert ssm.default_scan_mode() == 'sequential'  # tests run on CPU
+  ssm.set_default_scan_mode('chunked')  # what aot.py does to compile TPU programs on a CPU host
+  try:
+    assert ssm.default_scan_mode() == 'chunked'
+  finally:
+    ssm.set_default_scan_mode(None)
+  assert ssm.default_scan_mode() == 'sequential'
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules.
+def test_memory_does_not_hold_the_state_sequence():
+  """XLA's plan for forward + backward: 'sequential' and 'chunked' keep a few (B, L, D) arrays,
+  never the (B, L, D, N) state sequence that 'associative' materialises (several times over)."""
+  bsz, length, dim, state = 2, 4096, 32, 16
+  x = random_inputs(0, bsz, length, dim, state)
+  args = [jnp.asarray(x[k]) for k in GRAD_ARGS]
+  temp = {}
+  for mode in MODES:
+    loss = lambda *a, mode=mode: jnp.sum(ssm.selective_scan(
+        *a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True, mode=mode))
+    compiled = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).lower(*args).compile()
+    temp[mode] = compiled.memory_analysis().temp_size_in_bytes
+  per_token_array = bsz * length * dim * 4
+  assert temp['associative'] > state * per_token_array  # >= one state sequence
+  for mode in ('sequential', 'chunked'):
+    assert temp[mode] < 16 * per_token_array, (mode, temp)
+    assert temp[mode] < 0.1 * temp['associative'], (mode, temp)
+
 
 def test_selective_ssm_initialisation_follows_mamba():
   m = ssm.SelectiveSSM(64, d_state=16, rngs=nnx.Rngs(0))

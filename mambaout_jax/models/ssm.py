@@ -51,8 +51,22 @@ SCAN_ORDERS = ('raster', 'bidirectional', 'cross')
 DEFAULT_CHUNK_SIZE = 64
 
 
+_SCAN_MODE_OVERRIDE: Optional[str] = None
+
+
+def set_default_scan_mode(mode: Optional[str]) -> None:
+  """Makes mode='auto' mean `mode` (None: per backend again). For compiling TPU programs on a CPU
+  host (`mambaout_jax.aot`), where the default backend is not the target."""
+  global _SCAN_MODE_OVERRIDE
+  if mode is not None and mode not in SCAN_MODES[1:]:
+    raise ValueError(f'unknown scan mode {mode!r}; choose one of {SCAN_MODES[1:]} or None')
+  _SCAN_MODE_OVERRIDE = mode
+
+
 def default_scan_mode(backend: Optional[str] = None) -> str:
   """'sequential' on CPU (measured fastest there), 'chunked' on TPU/GPU."""
+  if _SCAN_MODE_OVERRIDE is not None and backend is None:
+    return _SCAN_MODE_OVERRIDE
   backend = backend or jax.default_backend()
   return 'sequential' if backend == 'cpu' else 'chunked'
 
@@ -433,15 +447,20 @@ class MambaBlock(GatedCNNBlock):
 
   x + DropPath(LS(fc2(act(g) * SSM(act([i, dwconv(c)]))))) with (g, i, c) = split(fc1(LN(x))).
   Same parameters as `GatedCNNBlock` plus `ssm` (an `SSM2d` over the hidden channels), so a
-  `mamba_*` variant differs from its `mambaout_*` twin only by the SSM.
+  `mamba_*` variant differs from its `mambaout_*` twin only by the SSM. `remat_ssm` recomputes the
+  SSM in the backward pass and keeps only its input: its float32 per-direction activations (delta,
+  delta*u, B, C, y, ...) would otherwise dominate training memory (a mamba_tiny train step at batch
+  128 planned 74 GiB per chip without it).
   """
 
   def __init__(self, dim, *, scan_order: str = 'cross', d_state: int = 16,
                dt_rank: int | str = 'auto', scan_mode: str = 'auto',
-               chunk_size: int = DEFAULT_CHUNK_SIZE, expansion_ratio=8 / 3, dtype=None,
-               param_dtype=jnp.float32, rngs, **gated_cnn_kwargs):
+               chunk_size: int = DEFAULT_CHUNK_SIZE, remat_ssm: bool = True,
+               expansion_ratio=8 / 3, dtype=None, param_dtype=jnp.float32, rngs,
+               **gated_cnn_kwargs):
     super().__init__(dim, expansion_ratio=expansion_ratio, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs, **gated_cnn_kwargs)
+    self.remat_ssm = remat_ssm
     if dt_rank == 'auto':
       dt_rank = math.ceil(dim / 16)
     self.ssm = SSM2d(int(expansion_ratio * dim), scan_order=scan_order, d_state=d_state,
@@ -453,7 +472,8 @@ class MambaBlock(GatedCNNBlock):
     x = self.fc1(self.norm(x))
     hidden, n_id, _ = self.split_indices
     g, i, c = x[..., :hidden], x[..., hidden:hidden + n_id], x[..., hidden + n_id:]
-    x = self.ssm(self.act(jnp.concatenate([i, self.conv(c)], axis=-1)))
+    x = self.act(jnp.concatenate([i, self.conv(c)], axis=-1))
+    x = nnx.remat(lambda ssm, x: ssm(x))(self.ssm, x) if self.remat_ssm else self.ssm(x)
     x = self.fc2(self.act(g) * x)
     if self.ls is not None:
       x = self.ls(x)
@@ -464,7 +484,7 @@ class MambaBlock(GatedCNNBlock):
 
 # ----------------------------------------------------------------------------------------------
 # Variants: the MambaOut skeletons with Mamba blocks. Overrides: scan_order, d_state, scan_mode,
-# chunk_size, plus every MambaOut argument (num_classes, drop_path_rate, dtype, ...).
+# chunk_size, remat_ssm, plus every MambaOut argument (num_classes, drop_path_rate, dtype, ...).
 
 MAMBA_VARIANTS: dict[str, dict[str, Any]] = {
     'mamba_femto': MAMBAOUT_VARIANTS['mambaout_femto'],
@@ -479,11 +499,13 @@ _BLOCK_DEFAULTS = dict(expansion_ratio=8 / 3, kernel_size=7, conv_ratio=1.0, ls_
 
 def _make_mamba_variant(name: str) -> Callable[..., MambaOut]:
   def build(*, rngs: nnx.Rngs, scan_order: str = 'cross', d_state: int = 16,
-            scan_mode: str = 'auto', chunk_size: int = DEFAULT_CHUNK_SIZE, **overrides) -> MambaOut:
+            scan_mode: str = 'auto', chunk_size: int = DEFAULT_CHUNK_SIZE, remat_ssm: bool = True,
+            **overrides) -> MambaOut:
     cfg = {**MAMBA_VARIANTS[name], **overrides}
     block_kwargs = {k: cfg.pop(k, _BLOCK_DEFAULTS[k]) for k in _BLOCK_ARGS}
     block_kwargs.update(act=get_act(cfg.get('act', 'gelu')), scan_order=scan_order,
-                        d_state=d_state, scan_mode=scan_mode, chunk_size=chunk_size)
+                        d_state=d_state, scan_mode=scan_mode, chunk_size=chunk_size,
+                        remat_ssm=remat_ssm)
     return MambaOut(**cfg, block_cls=MambaBlock, block_kwargs=block_kwargs, rngs=rngs)
   build.__name__ = name
   build.__doc__ = f'{name}: MambaOut skeleton {MAMBA_VARIANTS[name]} with Mamba blocks (Gated CNN + SSM)'
