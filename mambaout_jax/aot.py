@@ -58,7 +58,7 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
   from mambaout_jax import train
 
   config = config.copy_and_resolve_references()
-  if config.model.get('dwconv_impl', 'auto') == 'auto':
+  if config.model.get('dwconv_impl', 'auto') == 'auto' and config.model.name.startswith('mamba'):
     config.model.dwconv_impl = 'conv'  # 'auto' would pick the CPU formulation on this host
   devices = tpu_devices(topology)
   mesh = shd.create_mesh(config.mesh, devices=devices)

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameters named like this get no weight decay whatever their rank (layer scale, SSM A_log / D).
-NO_DECAY_NAMES = ('bias', 'gamma', 'A_log', 'D')
+# Parameters named like this get no weight decay whatever their rank: layer scale, the SSM's A_log
+# and D, and ViT's position embedding and class token (timm's `no_weight_decay()`).
+NO_DECAY_NAMES = ('bias', 'gamma', 'A_log', 'D', 'pos_embed', 'cls_token')
 
 
 def learning_rate(config) -> float:
@@ -44,7 +45,7 @@ def cosine_schedule(*, base_lr: float, steps_per_epoch: int, epochs: float, warm
 
 def decay_mask(params) -> dict:
   """True where weight decay applies: every array with ndim > 1 except NO_DECAY_NAMES (timm's
-  `filter_bias_and_bn` plus layer-scale gammas and the SSM's A_log / D)."""
+  `filter_bias_and_bn` plus `no_weight_decay()` names)."""
   def rule(path, x):
     name = str(getattr(path[-1], 'key', path[-1]))
     return x.ndim > 1 and name not in NO_DECAY_NAMES

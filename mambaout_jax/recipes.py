@@ -110,3 +110,24 @@ def imagenet_recipe(model_name: str) -> ml_collections.ConfigDict:
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 1000
   return c
+
+
+def mamba_ablation(model_name: str, mambaout_name: str) -> ml_collections.ConfigDict:
+  """The paper's recipe for a Mamba-block model (MambaOut skeleton + SSM token mixer), with the
+  drop path of the MambaOut model of the same size, so the two differ only in the SSM."""
+  c = imagenet_recipe(mambaout_name)
+  c.model.name = model_name
+  return c
+
+
+def deit_recipe(model_name: str, drop_path_rate: float = 0.1) -> ml_collections.ConfigDict:
+  """DeiT's ImageNet recipe (the paper's causal-vs-fully-visible ViT experiment): batch 1024,
+  lr 5e-4 per 512 images, 5 warm-up epochs, 300 epochs + 10 cool-down, weight decay 0.05, the same
+  RandAugment / erasing / Mixup / CutMix / label smoothing as MambaOut."""
+  c = imagenet_recipe(model_name)
+  c.model.drop_path_rate = drop_path_rate
+  c.batch_size = 1024
+  c.lr = 5e-4
+  c.lr_base_batch = 512
+  c.warmup_epochs = 5
+  return c

@@ -53,6 +53,8 @@ def model_kwargs(config, num_classes: int) -> dict:
                 dtype=DTYPES[config.model.dtype])
   if config.model.get('dwconv_impl', 'auto') != 'auto':  # e.g. aot.py compiling TPU code on CPU
     kwargs['dwconv_impl'] = config.model.dwconv_impl
+  if config.model.name.startswith('vit_'):  # the position embedding is sized for the images
+    kwargs['img_size'] = config.image_size
   return kwargs
 
 
