@@ -394,10 +394,15 @@ class SelectiveSSM(nnx.Module):
 
 
 class SSM2d(nnx.Module):
-  """A 2-D scan order over (B, H, W, C) images: one `SelectiveSSM` per direction, outputs summed."""
+  """A 2-D scan order over (B, H, W, C) images: one `SelectiveSSM` per direction, outputs summed.
 
-  def __init__(self, d_inner: int, *, scan_order: str = 'raster', **ssm_kwargs):
-    self.scan_order = scan_order
+  `remat=True` recomputes each direction in the backward pass (one direction's float32 activations
+  alive at a time) and keeps only the direction's input.
+  """
+
+  def __init__(self, d_inner: int, *, scan_order: str = 'raster', remat: bool = False,
+               **ssm_kwargs):
+    self.scan_order, self.remat = scan_order, remat
     self.direction_flags = _directions(scan_order)
     self.directions = nnx.List([SelectiveSSM(d_inner, **ssm_kwargs)
                                 for _ in self.direction_flags])
@@ -405,8 +410,9 @@ class SSM2d(nnx.Module):
   def __call__(self, x):
     _, h, w, _ = x.shape
     out = None
+    call = nnx.remat(lambda ssm, x: ssm(x)) if self.remat else (lambda ssm, x: ssm(x))
     for ssm, (column_major, reverse) in zip(self.directions, self.direction_flags):
-      y = ssm(image_to_sequence(x, column_major, reverse))
+      y = call(ssm, image_to_sequence(x, column_major, reverse))
       y = sequence_to_image(y, h, w, column_major, reverse)
       out = y if out is None else out + y
     return out
@@ -460,10 +466,10 @@ class MambaBlock(GatedCNNBlock):
                **gated_cnn_kwargs):
     super().__init__(dim, expansion_ratio=expansion_ratio, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs, **gated_cnn_kwargs)
-    self.remat_ssm = remat_ssm
     if dt_rank == 'auto':
       dt_rank = math.ceil(dim / 16)
-    self.ssm = SSM2d(int(expansion_ratio * dim), scan_order=scan_order, d_state=d_state,
+    self.ssm = SSM2d(int(expansion_ratio * dim), scan_order=scan_order, remat=remat_ssm,
+                     d_state=d_state,
                      dt_rank=dt_rank, scan_mode=scan_mode, chunk_size=chunk_size, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
 
@@ -473,7 +479,7 @@ class MambaBlock(GatedCNNBlock):
     hidden, n_id, _ = self.split_indices
     g, i, c = x[..., :hidden], x[..., hidden:hidden + n_id], x[..., hidden + n_id:]
     x = self.act(jnp.concatenate([i, self.conv(c)], axis=-1))
-    x = nnx.remat(lambda ssm, x: ssm(x))(self.ssm, x) if self.remat_ssm else self.ssm(x)
+    x = self.ssm(x)
     x = self.fc2(self.act(g) * x)
     if self.ls is not None:
       x = self.ls(x)
