@@ -175,7 +175,7 @@ def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1
       preservation_policy=policies.AnyPreservationPolicy(keep_policies),
       enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR), options=options,
+      epath.Path(_abspath(workdir)) / CHECKPOINTS_DIR, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler()})

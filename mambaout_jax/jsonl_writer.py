@@ -11,21 +11,34 @@ import os
 
 import numpy as np
 from clu.metric_writers import interface
+from etils import epath
 
 
 class JsonlWriter(interface.MetricWriter):
+  """Appends to a local file; on object stores (gs://...), which cannot append, the whole file is
+  rewritten at every flush (metrics files stay small: one line per log step)."""
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._file = open(path, 'a')
+    self._path = epath.Path(path)
+    self._remote = '://' in path
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    if self._remote:
+      self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+      self._file = None
+    else:
+      self._file = open(path, 'a')
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
     for key, value in scalars.items():
       value = np.asarray(value).item()
       record[key] = value if isinstance(value, (int, bool)) else float(value)
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._lines.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -49,11 +62,15 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    if self._remote:
+      self._path.write_text(''.join(self._lines))
+    else:
+      self._file.flush()
+      os.fsync(self._file.fileno())
 
   def close(self):
-    if not self._file.closed:
+    self.flush()
+    if self._file is not None and not self._file.closed:
       self._file.close()
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
@@ -51,7 +52,7 @@ def model_kwargs(config, num_classes: int) -> dict:
                      f'{sorted(DTYPES)}')
   kwargs = dict(num_classes=num_classes, drop_path_rate=config.model.drop_path_rate,
                 dtype=DTYPES[config.model.dtype])
-  if config.model.get('dwconv_impl', 'auto') != 'auto':  # e.g. aot.py compiling TPU code on CPU
+  if config.model.name.startswith('mamba') and config.model.get('dwconv_impl', 'auto') != 'auto':
     kwargs['dwconv_impl'] = config.model.dwconv_impl
   if config.model.name.startswith('vit_'):  # the position embedding is sized for the images
     kwargs['img_size'] = config.image_size
@@ -207,12 +208,10 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
   if mode not in ('train', 'eval', 'export'):
     raise ValueError(f"unknown mode {mode!r}; choose 'train', 'eval' or 'export'")
   validate_config(config)
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  workdir = workdir if '://' in workdir else os.path.abspath(workdir)  # local or gs://
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
   writer = create_writer(workdir)
   logging.info('process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -349,6 +348,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
                         'train/images_per_sec': steps_per_s * config.batch_size,
                         'train/epoch': step / schedule_steps_per_epoch})
         writer.write_scalars(step, scalars)
+        writer.flush()
         eta = (total_steps - step) / max(steps_per_s, 1e-9)
         logging.info('step %d/%d: loss %.4f, lr %.3g, %.2f steps/s, %.0f img/s, ETA %s',
                      step, total_steps, scalars['train/loss'], scalars['train/lr'], steps_per_s,

@@ -39,6 +39,7 @@ def test_two_processes_match_one_process(tmp_path):
     cmd = [sys.executable, '-m', 'mambaout_jax.main', '--config=configs/demo.py',
            f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
            '--config.image_size=16', '--config.batch_size=32', '--config.eval_batch_size=120',
+           '--config.model.dwconv_impl=conv',
            f'--config.total_steps={STEPS}', '--config.log_every_steps=1',
            '--config.checkpoint_every_steps=3', '--config.eval_every_steps=10000',
            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']

@@ -26,6 +26,7 @@ def main_command(workdir, data_dir):
   return [sys.executable, '-m', 'mambaout_jax.main', '--config=configs/demo.py',
           f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
           '--config.image_size=16', '--config.batch_size=32', '--config.eval_batch_size=120',
+          '--config.model.dwconv_impl=conv',
           f'--config.total_steps={TOTAL_STEPS}', '--config.log_every_steps=1',
           f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}', '--config.eval_every_steps=10000',
           '--config.model.drop_path_rate=0.2', '--config.aug.mixup=0.8', '--config.aug.cutmix=1.0']

@@ -133,6 +133,7 @@ def test_gradient_accumulation_gives_the_same_step():
   c = recipes.base_config()
   c.image_size, c.batch_size, c.lr_base_batch = 16, 32, 0
   c.num_epochs, c.warmup_epochs = 10, 0.0
+  c.model.dwconv_impl = 'conv'
   mesh = shd.create_mesh((('data', -1), ('fsdp', 1)))
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(32, 16, 16, 3)).astype(np.float32),
