@@ -6,8 +6,9 @@ Dataset `mambaout_digits` (scikit-learn's 1797 real 8x8 digit scans, 1437 train 
 prepared automatically, no download), upsampled to 32 px; model `mambaout_test` (a 4-stage
 MambaOut with every code path, 0.19M parameters); the paper's optimiser and schedule shape (AdamW,
 weight-decay mask, warm-up + cosine) without the heavy ImageNet augmentation.
-Sized for: 2 CPU cores. Expected: eval/top1 about 0.9 after 600 steps (see README for the
-measured time); it checkpoints every 200 steps and resumes if run again.
+Sized for: 2 CPU cores. Expected: eval/top1 ~0.97 after 550 steps (25 epochs of 22 steps), in
+about a minute including compilation (measured 52 s wall, 0.975 top-1, on a shared 2-core VM).
+It evaluates and checkpoints every 200 steps, and resumes from the workdir if run again.
 """
 from mambaout_jax import recipes
 
