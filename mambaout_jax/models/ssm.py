@@ -396,8 +396,8 @@ class SelectiveSSM(nnx.Module):
 class SSM2d(nnx.Module):
   """A 2-D scan order over (B, H, W, C) images: one `SelectiveSSM` per direction, outputs summed.
 
-  `remat=True` recomputes each direction in the backward pass (one direction's float32 activations
-  alive at a time) and keeps only the direction's input.
+  `remat=True` recomputes the scans in the backward pass and keeps only the input. (Rematerialising
+  each direction separately planned more memory for a mamba_tiny TPU train step: 22.4 vs 19.0 GiB.)
   """
 
   def __init__(self, d_inner: int, *, scan_order: str = 'raster', remat: bool = False,
@@ -408,11 +408,15 @@ class SSM2d(nnx.Module):
                                 for _ in self.direction_flags])
 
   def __call__(self, x):
+    if self.remat:
+      return nnx.remat(lambda m, x: m.scan(x))(self, x)
+    return self.scan(x)
+
+  def scan(self, x):
     _, h, w, _ = x.shape
     out = None
-    call = nnx.remat(lambda ssm, x: ssm(x)) if self.remat else (lambda ssm, x: ssm(x))
     for ssm, (column_major, reverse) in zip(self.directions, self.direction_flags):
-      y = call(ssm, image_to_sequence(x, column_major, reverse))
+      y = ssm(image_to_sequence(x, column_major, reverse))
       y = sequence_to_image(y, h, w, column_major, reverse)
       out = y if out is None else out + y
     return out
