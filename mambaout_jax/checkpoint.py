@@ -161,6 +161,10 @@ def load_pretrained(name: str, path: str, *, seed: int = 0, **overrides):
 CHECKPOINTS_DIR = 'checkpoints'
 
 
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoints belong to another model (variant or number of classes)."""
+
+
 def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
                               async_save: bool = True, best_metric: str = 'eval/top1'):
   """Manager keeping the latest `keep` checkpoints plus the best `keep_best` by `best_metric`."""
@@ -183,7 +187,7 @@ def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1
 
 def save_train_state(manager, step: int, state, *, data_iterator=None, meta: dict,
                      metrics: dict | None = None) -> bool:
-  """Starts an (async) save of `state` and the iterator state at `step`; returns whether it saved."""
+  """Starts an (async) save of `state` and the iterator state at `step`; True if it saved."""
   import grain.checkpoint
   import orbax.checkpoint as ocp
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
@@ -194,12 +198,14 @@ def save_train_state(manager, step: int, state, *, data_iterator=None, meta: dic
 
 def check_train_meta(meta: dict, *, variant: str, model_kwargs: dict, path: str):
   if meta.get('variant') != variant:
-    raise ValueError(f'{path} holds a checkpoint of {meta.get("variant")}, but config.model.name '
-                     f'is {variant}; use another --workdir or set --config.model.name='
-                     f'{meta.get("variant")}')
-  if meta.get('model_kwargs', {}).get('num_classes') != model_kwargs.get('num_classes'):
-    raise ValueError(f'{path} was trained with num_classes={meta["model_kwargs"].get("num_classes")}'
-                     f', the config gives {model_kwargs.get("num_classes")}; use another --workdir')
+    raise CheckpointMismatchError(
+        f'{path} holds a checkpoint of {meta.get("variant")}, but config.model.name is {variant}; '
+        f'use another --workdir or set --config.model.name={meta.get("variant")}')
+  trained = meta.get('model_kwargs', {}).get('num_classes')
+  if trained != model_kwargs.get('num_classes'):
+    raise CheckpointMismatchError(
+        f'{path} was trained with num_classes={trained}, the config gives '
+        f'{model_kwargs.get("num_classes")}; use another --workdir')
 
 
 def restore_latest_train_state(manager, abstract_state, *, data_iterator=None, variant: str,
@@ -219,7 +225,8 @@ def restore_latest_train_state(manager, abstract_state, *, data_iterator=None, v
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
-      log(f'WARNING: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying an older one')
+      log(f'WARNING: checkpoint {path} is unreadable ({type(e).__name__}: {e}); '
+          'trying an older one')
       continue
     check_train_meta(meta, variant=variant, model_kwargs=model_kwargs, path=path)
     try:

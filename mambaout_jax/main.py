@@ -58,7 +58,8 @@ class _QuietLibraries:
   """absl log filter: drops INFO lines of Orbax / Grain internals (one line per file they write)."""
 
   def filter(self, record):
-    return record.levelno > 20 or not any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
+    quiet = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'grain'))
+    return record.levelno > 20 or not quiet
 
 
 def main(argv):
@@ -70,12 +71,16 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  from mambaout_jax import checkpoint, data
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
   except train.Preempted as e:
     logging.warning('stopped at step %s after saving a checkpoint; rerun the same command to '
                     'resume', e)
     sys.exit(train.PREEMPTED_EXIT_CODE)
+  except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError,
+          FileNotFoundError) as e:  # user-fixable: one line saying what to do, no traceback
+    sys.exit(f'FATAL {type(e).__name__}: {e}')
 
 
 def _config_keys(config, prefix='') -> list[str]:

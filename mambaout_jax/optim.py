@@ -1,4 +1,4 @@
-"""The paper's optimisation recipe in optax: AdamW with a weight-decay mask and timm's cosine schedule.
+"""The paper's optimisation recipe in optax: AdamW, a weight-decay mask, timm's cosine schedule.
 
 The official MambaOut scripts train with timm 0.6.11: `create_optimizer_v2(opt='adamw',
 filter_bias_and_bn=True)` and `CosineLRScheduler(t_initial=epochs, lr_min, warmup_lr_init,
@@ -59,7 +59,7 @@ def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransf
       warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, min_lr=config.min_lr,
       per_step=config.schedule_per_step)
   if config.optimizer != 'adamw':
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; only 'adamw' (the paper's) is built in")
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; the paper's 'adamw' is the only one")
   tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                    weight_decay=config.weight_decay, mask=decay_mask)
   if config.grad_clip_norm > 0:

@@ -60,7 +60,7 @@ def model_kwargs(config, num_classes: int) -> dict:
 
 
 def build_model(config, num_classes: int):
-  """The model with the run's seed; drop path draws from the 'dropout' stream (reseeded per step)."""
+  """The model with the run's seed; drop path uses the 'dropout' stream (reseeded every step)."""
   return create_model(config.model.name, rngs=nnx.Rngs(params=config.seed, dropout=config.seed),
                       **model_kwargs(config, num_classes))
 
@@ -124,7 +124,8 @@ def create_writer(workdir: str):
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
                                                 asynchronous=False)
   if is_main:
-    writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+    jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
+    writer = metric_writers.MultiWriter([writer, jsonl])
   return writer
 
 

@@ -119,7 +119,8 @@ def test_checkpoint_of_another_variant_is_refused(trained):
 
 def test_non_finite_loss_stops_with_the_last_checkpoint(data_dir, tmp_path):
   config = small_config(data_dir, total_steps=6, lr=1e30, lr_base_batch=0, warmup_epochs=0.0)
-  with pytest.raises(FloatingPointError, match=r'step \d+.*last good checkpoint.*Lower --config.lr'):
+  with pytest.raises(FloatingPointError,
+                     match=r'step \d+.*last good checkpoint.*Lower --config.lr'):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints', '6'))
 

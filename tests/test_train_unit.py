@@ -71,7 +71,8 @@ def test_learning_rate_scales_with_batch():
 def test_weight_decay_mask():
   model = nnx.eval_shape(lambda: mo.create_model('mambaout_test', rngs=nnx.Rngs(0), num_classes=10))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params['ssm'] = {'A_log': jnp.zeros((4, 2)), 'D': jnp.zeros((4,)), 'x_proj': {'kernel': jnp.zeros((4, 8))}}
+  params['ssm'] = {'A_log': jnp.zeros((4, 2)), 'D': jnp.zeros((4,)),
+                   'x_proj': {'kernel': jnp.zeros((4, 8))}}
   mask = optim.decay_mask(params)
   flat = {'.'.join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(mask).items()}
   assert flat['stages.2.blocks.0.fc1.kernel'] and flat['stages.2.blocks.0.conv.kernel']
