@@ -6,9 +6,10 @@ r"""Compile the real train step for a TPU topology on this (CPU) host and report
 
 The step is `train.create_step_functions(...)`'s jitted train step (same function, same mesh rule,
 same in/out shardings and donation as a real run), lowered with abstract inputs on the topology's
-devices and compiled by libtpu; no TPU is needed. Reported per chip: argument, output, temporary
-and total memory (the compiled program's `memory_analysis()`), whether it fits the chip's HBM, and
-the FLOPs of one step (XLA's `cost_analysis()`; per chip and over the slice) and per image.
+devices and compiled by libtpu; no TPU is needed. Reported per device: argument, output, temporary
+and total memory (the compiled program's `memory_analysis()`), whether it fits the device's HBM
+(a chip's HBM, shared by its devices where libtpu lists one per TensorCore, as for v4), and the
+FLOPs of one step (XLA's `cost_analysis()`; per device and over the slice) and per image.
 Exit status 1 when the step does not fit: lower `--config.batch_size` or raise
 `--config.grad_accum_steps`, or shard parameters with `--config.mesh="(('data',-1),('fsdp',4))"`.
 """
@@ -33,7 +34,7 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes when config.da
 flags.mark_flags_as_required(['config'])
 
 GIB = 2 ** 30
-# High-bandwidth memory per device as JAX lists it (device_kind -> bytes).
+# High-bandwidth memory per chip (device_kind as JAX lists it -> bytes).
 HBM_BYTES = {'TPU v2': 8 * GIB, 'TPU v3': 16 * GIB, 'TPU v4': 32 * GIB, 'TPU v4 lite': 8 * GIB,
              'TPU v5 lite': 16 * GIB, 'TPU v5e': 16 * GIB, 'TPU v5': 95 * GIB, 'TPU v5p': 95 * GIB,
              'TPU v6 lite': 32 * GIB, 'TPU v6e': 32 * GIB}
@@ -51,7 +52,7 @@ def tpu_devices(topology: str):
 
 
 def analyze(config, topology: str, num_classes: int = 1000) -> dict:
-  """Compiles the train step of `config` for `topology`; returns per-chip memory and FLOPs."""
+  """Compiles the train step of `config` for `topology`; returns per-device memory and FLOPs."""
   import jax
   import jax.numpy as jnp
   from mambaout_jax import sharding as shd
@@ -77,15 +78,19 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   kind = devices[0].device_kind
+  # libtpu may describe a chip as several devices (v4: one per TensorCore); they share its HBM.
+  num_chips = len({tuple(d.coords) for d in devices})
+  devices_per_chip = len(devices) // num_chips
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
            + memory.generated_code_size_in_bytes)
-  hbm = HBM_BYTES.get(kind)
-  flops_per_chip = float(cost.get('flops', float('nan')))
+  hbm = HBM_BYTES[kind] // devices_per_chip if kind in HBM_BYTES else None
+  flops_per_device = float(cost.get('flops', float('nan')))
   num_params = sum(x.size for x in jax.tree.leaves(fns.abstract_state['params']))
   return {
       'model': config.model.name, 'topology': topology, 'device_kind': kind,
-      'num_devices': len(devices), 'mesh': dict(mesh.shape), 'batch_size': config.batch_size,
+      'num_devices': len(devices), 'num_chips': num_chips, 'mesh': dict(mesh.shape),
+      'batch_size': config.batch_size,
       'grad_accum_steps': config.grad_accum_steps, 'image_size': s,
       'compute_dtype': config.model.dtype, 'num_params': int(num_params),
       'argument_gib': memory.argument_size_in_bytes / GIB,
@@ -93,11 +98,11 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
       'alias_gib': memory.alias_size_in_bytes / GIB,
       'temp_gib': memory.temp_size_in_bytes / GIB,
       'total_gib': total / GIB,
-      'hbm_gib': hbm / GIB if hbm else None,
+      'hbm_gib': hbm / GIB if hbm else None,  # per device
       'fits': (total <= hbm) if hbm else None,
-      'flops_per_step_per_chip': flops_per_chip,
-      'flops_per_step': flops_per_chip * len(devices),
-      'flops_per_image': flops_per_chip * len(devices) / config.batch_size,
+      'flops_per_step_per_device': flops_per_device,
+      'flops_per_step': flops_per_device * len(devices),
+      'flops_per_image': flops_per_device * len(devices) / config.batch_size,
       'compile_seconds': compile_s,
   }
 
@@ -106,12 +111,13 @@ def format_report(r: dict) -> str:
   fits = {True: 'yes', False: 'NO', None: 'unknown HBM size'}[r['fits']]
   hbm = f"{r['hbm_gib']:.1f}" if r['hbm_gib'] else '?'
   return '\n'.join([
-      f"{r['model']} train step on {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh "
+      f"{r['model']} train step on {r['topology']} ({r['num_chips']} x {r['device_kind']}, "
+      f"{r['num_devices']} devices), mesh "
       f"{r['mesh']}, global batch {r['batch_size']} x {r['image_size']}px "
       f"({r['grad_accum_steps']} micro-batches), {r['compute_dtype']}, {r['num_params']:,} params",
-      f"  per chip: arguments {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, "
+      f"  per device: arguments {r['argument_gib']:.2f} GiB, temporaries {r['temp_gib']:.2f} GiB, "
       f"total {r['total_gib']:.2f} GiB of {hbm} GiB HBM -> fits: {fits}",
-      f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_step_per_chip']:.4g} per chip), "
+      f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_step_per_device']:.4g} per device), "
       f"per image {r['flops_per_image'] / 1e9:.4g} GFLOP (forward + backward + update)",
       f"  compiled in {r['compile_seconds']:.0f}s"])
 

@@ -18,11 +18,12 @@ def test_aot_compiles_the_train_step_for_a_small_tpu_slice():
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
-  assert report['num_devices'] == 4 and report['device_kind'].startswith('TPU v5')
+  assert report['num_devices'] == report['num_chips'] == 4
+  assert report['device_kind'].startswith('TPU v5')
   assert report['mesh'] == {'data': 4, 'fsdp': 1}
   assert report['fits'] is True and 0 < report['total_gib'] < report['hbm_gib']
-  # Parameters + AdamW moments (fp32, replicated) are arguments of the step on every chip.
+  # Parameters + AdamW moments (fp32, replicated) are arguments of the step on every device.
   assert report['argument_gib'] * 2 ** 30 >= 3 * 4 * report['num_params']
-  # XLA's FLOPs are per chip; per image a train step costs ~3x the forward pass. mambaout_test
+  # XLA's FLOPs are per device; per image a train step costs ~3x the forward pass. mambaout_test
   # with 10 classes at 16 px: ~0.32 MMAC = 0.64 MFLOP forward (python -m mambaout_jax.profile).
   assert 1.5e6 < report['flops_per_image'] < 3e6
