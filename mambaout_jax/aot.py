@@ -35,7 +35,7 @@ flags.mark_flags_as_required(['config'])
 
 GIB = 2 ** 30
 # High-bandwidth memory per chip (device_kind as JAX lists it -> bytes).
-HBM_BYTES = {'TPU v2': 8 * GIB, 'TPU v3': 16 * GIB, 'TPU v4': 32 * GIB, 'TPU v4 lite': 8 * GIB,
+HBM_BYTES = {'TPU v2': 16 * GIB, 'TPU v3': 32 * GIB, 'TPU v4': 32 * GIB, 'TPU v4 lite': 8 * GIB,
              'TPU v5 lite': 16 * GIB, 'TPU v5e': 16 * GIB, 'TPU v5': 95 * GIB, 'TPU v5p': 95 * GIB,
              'TPU v6 lite': 32 * GIB, 'TPU v6e': 32 * GIB}
 
