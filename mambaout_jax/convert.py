@@ -129,10 +129,13 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model, *, variant: str, so
 def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
             reset_head: bool = False, seed: int = 0) -> str:
   from flax import nnx
-  from mambaout_jax.checkpoint import save_params
+  from mambaout_jax.checkpoint import build_uninitialised, save_params
   from mambaout_jax.models.registry import create_model
   overrides = {} if num_classes is None else {'num_classes': num_classes}
-  model = create_model(variant, rngs=nnx.Rngs(seed), **overrides)
+  if reset_head:  # the fresh classifier needs a real random init
+    model = create_model(variant, rngs=nnx.Rngs(seed), **overrides)
+  else:
+    model = build_uninitialised(variant, seed=seed, **overrides)
   params = params_from_state_dict(read_state_dict(src), model, variant=variant, source=src,
                                   reset_head=reset_head)
   check_params_match(model, params, source=src, variant=variant)
