@@ -44,7 +44,11 @@ def tpu_devices(topology: str):
   """The devices of a TPU topology, described by libtpu without any TPU attached."""
   from jax.experimental import topologies
   try:
-    return topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
+    try:  # one device per chip, as JAX runs v4 / v5p ("megacore"); other chips have one core
+      return topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                          chip_config_name='megacore').devices
+    except Exception:  # noqa: BLE001
+      return topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
   except Exception as e:  # noqa: BLE001 - libtpu missing or an unknown topology name
     raise SystemExit(f'cannot describe TPU topology {topology!r} ({type(e).__name__}: '
                      f'{str(e).splitlines()[0] if str(e) else ""}); install libtpu '
