@@ -220,7 +220,6 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
 
   # ---------------------------------------------------------------------------------- mesh
   mesh = shd.create_mesh(config.mesh)
-  repl = shd.replicated(mesh)
   logging.info('mesh %s', dict(mesh.shape))
 
   # ---------------------------------------------------------------------------------- data
