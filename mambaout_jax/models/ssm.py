@@ -133,26 +133,46 @@ def _from_chunks(x, length: int):
   return x.reshape(num_chunks * chunk, bsz, -1).transpose(1, 0, 2)[:, :length]
 
 
-def _scan_parallel(delta, delta_u, A, B, C, chunk: Optional[int]):
-  """'associative' (chunk=None: one chunk of the whole length) and 'chunked' (remat per chunk)."""
-  bsz, length, dim = delta.shape
+def _scan_parallel(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
+                   chunk: Optional[int]):
+  """'associative' (chunk=None: one chunk of the whole length) and 'chunked' (remat per chunk).
+
+  The whole of `selective_scan` happens inside each chunk: full-length arrays stay in the input
+  dtype (bf16 in training) and only one chunk's float32 values live at a time.
+  """
+  bsz, length, dim = u.shape
+  dtype_in = u.dtype
+  ct = jnp.promote_types(dtype_in, jnp.float32)
   chunk = length if chunk is None else min(chunk, length)
   num_chunks = -(-length // chunk)
-  xs = tuple(_to_chunks(x, num_chunks, chunk) for x in (delta, delta_u, B, C))
+  valid = _to_chunks(jnp.ones((1, length, 1), jnp.bool_), num_chunks, chunk)[..., 0, 0]
+  xs = tuple(None if x is None else _to_chunks(x, num_chunks, chunk) for x in (u, delta, B, C, z))
+  A = A.astype(ct)
 
   def chunk_step(h, xs):
-    dl, dlu, b, c = xs
-    dA = jnp.exp(dl[..., None] * A)                  # (T, Bt, D, N)
-    dBu = dlu[..., None] * b[:, :, None, :]
+    (uc, dl, b, c, zc), ok = xs
+    uc, dl, b, c = (x.astype(ct) for x in (uc, dl, b, c))
+    if delta_bias is not None:
+      dl = dl + delta_bias.astype(ct)
+    if delta_softplus:
+      dl = jax.nn.softplus(dl)
+    dl = jnp.where(ok[:, None, None], dl, 0.0)  # padded steps leave the state unchanged
+    dA = jnp.exp(dl[..., None] * A)              # (T, Bt, D, N)
+    dBu = (dl * uc)[..., None] * b[:, :, None, :]
     hs = linear_recurrence(dA, dBu, h, 'associative')
-    return hs[-1], jnp.einsum('tbdn,tbn->tbd', hs, c)
+    y = jnp.einsum('tbdn,tbn->tbd', hs, c)
+    if D is not None:
+      y = y + uc * D.astype(ct)
+    if zc is not None:
+      y = y * jax.nn.silu(zc.astype(ct))
+    return hs[-1], y.astype(dtype_in)
 
-  h0 = jnp.zeros((bsz, dim, A.shape[1]), delta.dtype)
+  h0 = jnp.zeros((bsz, dim, A.shape[1]), ct)
   if num_chunks == 1:
-    h_last, ys = chunk_step(h0, tuple(x[0] for x in xs))
+    h_last, ys = chunk_step(h0, jax.tree.map(lambda x: x[0], (xs, valid)))
     ys = ys[None]
   else:
-    h_last, ys = jax.lax.scan(jax.checkpoint(chunk_step), h0, xs)
+    h_last, ys = jax.lax.scan(jax.checkpoint(chunk_step), h0, (xs, valid))
   return _from_chunks(ys, length), h_last
 
 
@@ -261,6 +281,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   _check_shapes(u, delta, A, B, C, D, z, delta_bias)
   if mode == 'auto':
     mode = default_scan_mode()
+  if mode != 'sequential':
+    y, h_last = _scan_parallel(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                               chunk_size if mode == 'chunked' else None)
+    return (y, h_last) if return_last_state else y
   dtype_in = u.dtype
   ct = jnp.promote_types(dtype_in, jnp.float32)
   u, delta, A, B, C = (x.astype(ct) for x in (u, delta, A, B, C))
@@ -268,11 +292,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     delta = delta + delta_bias.astype(ct)
   if delta_softplus:
     delta = jax.nn.softplus(delta)
-  if mode == 'sequential':
-    y, h_last = _scan_sequential(delta, delta * u, A, B, C, chunk_size)
-  else:
-    y, h_last = _scan_parallel(delta, delta * u, A, B, C,
-                               chunk_size if mode == 'chunked' else None)
+  y, h_last = _scan_sequential(delta, delta * u, A, B, C, chunk_size)
   if D is not None:
     y = y + u * D.astype(ct)
   if z is not None:
