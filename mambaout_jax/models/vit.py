@@ -1,7 +1,7 @@
 """DeiT-style Vision Transformer with fully-visible or causal attention (the paper's ViT ablation).
 
-MambaOut's Figure/Table on causal attention: making ViT's token mixer causal (each token attends only to
-itself and earlier tokens, as an SSM's recurrence does) costs ImageNet accuracy. `attention_mode`
+The paper's causal-attention experiment: making ViT's token mixer causal (each token attends only
+to itself and earlier tokens, as an SSM's recurrence does) costs ImageNet accuracy. `attention_mode`
 switches between the two; in causal mode the class token goes last by default, so the token the
 classifier reads has seen every patch.
 
