@@ -65,6 +65,9 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
   config = config.copy_and_resolve_references()
   if config.model.get('dwconv_impl', 'auto') == 'auto' and config.model.name.startswith('mamba'):
     config.model.dwconv_impl = 'conv'  # 'auto' would pick the CPU formulation on this host
+  if config.model.name.startswith('mamba_'):  # the SSM's 'auto' scan would also pick CPU's
+    from mambaout_jax.models import ssm
+    ssm.set_default_scan_mode(ssm.default_scan_mode(backend='tpu'))
   devices = tpu_devices(topology)
   mesh = shd.create_mesh(config.mesh, devices=devices)
   num_classes = config.dataset.num_classes or num_classes
@@ -76,7 +79,12 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
                                          sharding=batch_sharding),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
   t0 = time.time()
-  compiled = fns.train_step.lower(fns.abstract_state, batch, fns.abstract_rest).compile()
+  try:
+    compiled = fns.train_step.lower(fns.abstract_state, batch, fns.abstract_rest).compile()
+  finally:
+    if config.model.name.startswith('mamba_'):
+      from mambaout_jax.models import ssm
+      ssm.set_default_scan_mode(None)
   compile_s = time.time() - t0
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
