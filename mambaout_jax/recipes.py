@@ -66,10 +66,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.aug.mixup_switch_prob = 0.5
   c.aug.label_smoothing = 0.0
   c.aug.crop_pct = 1.0
+  c.aug.eval_interpolation = 'bicubic'
 
   c.input = ml_collections.ConfigDict()
   c.input.num_workers = 0
+  c.input.num_threads = 4           # Grain read threads per process
   c.input.prefetch = 2
+  c.input.jpeg_draft = True         # decode large JPEGs at reduced size when the crop allows
 
   c.mesh = (('data', -1), ('fsdp', 1))
 
