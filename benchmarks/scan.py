@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mambaout_jax.models.ssm import default_scan_mode, selective_scan
+from mambaout_jax.models.ssm import DEFAULT_CHUNK_SIZE, default_scan_mode, selective_scan
 
 GIB = 2 ** 30
 
@@ -78,7 +78,8 @@ def main():
   parser.add_argument('--dim', type=int, default=192)
   parser.add_argument('--state', type=int, default=16)
   parser.add_argument('--modes', nargs='+', default=['sequential', 'chunked', 'associative'])
-  parser.add_argument('--chunk_size', type=int, default=64)
+  parser.add_argument('--chunk_size', type=int, default=None,
+                      help='steps per chunk (default: each mode\'s DEFAULT_CHUNK_SIZE)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--max_gib', type=float, default=6.0,
                       help='compile but do not run programs planning more memory than this')
@@ -86,7 +87,7 @@ def main():
 
   print(f'backend {jax.default_backend()} ({jax.devices()[0].device_kind}), auto mode = '
         f'{default_scan_mode()}; B={args.batch} D={args.dim} N={args.state} '
-        f'chunk={args.chunk_size}; forward+backward w.r.t. all inputs, best of {args.repeats}\n')
+        f'chunk={args.chunk_size or DEFAULT_CHUNK_SIZE}; forward+backward w.r.t. all inputs, best of {args.repeats}\n')
   print('| L | version | time (s) | peak memory (MiB) | speed-up vs naive | memory vs naive |')
   print('|---:|---|---:|---:|---:|---:|')
   for length in args.lengths:
