@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0
   c.model.dtype = 'float32'        # compute dtype ('bfloat16' on TPU); parameters stay float32
   c.model.dwconv_impl = 'auto'     # MambaOut/Mamba depthwise conv: 'auto', 'conv' or 'shift'
+  c.model.scan_order = ''          # Mamba blocks: 'raster', 'bidirectional', 'cross' ('' = variant's)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'mambaout_digits'

@@ -54,6 +54,8 @@ def model_kwargs(config, num_classes: int) -> dict:
                 dtype=DTYPES[config.model.dtype])
   if config.model.name.startswith('mamba') and config.model.get('dwconv_impl', 'auto') != 'auto':
     kwargs['dwconv_impl'] = config.model.dwconv_impl
+  if config.model.name.startswith('mamba_') and config.model.get('scan_order'):
+    kwargs['scan_order'] = config.model.scan_order
   if config.model.name.startswith('vit_'):  # the position embedding is sized for the images
     kwargs['img_size'] = config.image_size
   return kwargs

@@ -126,3 +126,15 @@ def test_paper_configs_carry_the_recipe():
     assert (c.weight_decay, c.min_lr, c.warmup_lr) == (0.05, 1e-5, 1e-6)
     assert (c.aug.mixup, c.aug.cutmix, c.aug.label_smoothing, c.aug.reprob) == (0.8, 1.0, 0.1, 0.25)
     assert c.aug.randaugment == 'rand-m9-mstd0.5-inc1' and c.model.dtype == 'bfloat16'
+
+
+def test_scan_order_reaches_mamba_models():
+  config = recipes.base_config()
+  config.model.name = 'mamba_test'
+  assert 'scan_order' not in train.model_kwargs(config, 10)
+  config.model.scan_order = 'raster'
+  kwargs = train.model_kwargs(config, 10)
+  assert kwargs['scan_order'] == 'raster'
+  model = mo.create_model('mamba_test', **kwargs)
+  orders = {m.scan_order for _, m in nnx.iter_modules(model) if hasattr(m, 'scan_order')}
+  assert orders == {'raster'}
