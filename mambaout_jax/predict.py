@@ -41,21 +41,27 @@ def load_image(path: str):
     raise ValueError(f'{path}: not a readable image ({e.__class__.__name__}: {e})') from None
 
 
-def preprocess(image, image_size: int = 224, crop_pct: float = 1.0) -> np.ndarray:
-  """PIL RGB image -> float32 (image_size, image_size, 3), exactly torchvision's eval transform."""
+def resize_and_center_crop(image, image_size: int = 224, crop_pct: float = 1.0, resample=None):
+  """torchvision's eval geometry: shorter side to int(image_size / crop_pct), centre crop.
+
+  Also used by the data pipeline's eval transform, so `predict` and training evaluation agree.
+  """
   from PIL import Image
   scale_size = math.floor(image_size / crop_pct)
   w, h = image.size
-  if w <= h:
+  if w <= h:  # torchvision Resize(int): the longer side is truncated
     new_w, new_h = scale_size, int(scale_size * h / w)
   else:
     new_w, new_h = int(scale_size * w / h), scale_size
-  if (new_w, new_h) != (w, h):
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+  image = image.resize((new_w, new_h), Image.BICUBIC if resample is None else resample)
   top = int(round((new_h - image_size) / 2.0))
   left = int(round((new_w - image_size) / 2.0))
-  image = image.crop((left, top, left + image_size, top + image_size))
-  x = np.asarray(image, np.float32) / 255.0
+  return image.crop((left, top, left + image_size, top + image_size))
+
+
+def preprocess(image, image_size: int = 224, crop_pct: float = 1.0) -> np.ndarray:
+  """PIL RGB image -> float32 (image_size, image_size, 3), exactly torchvision's eval transform."""
+  x = np.asarray(resize_and_center_crop(image, image_size, crop_pct), np.float32) / 255.0
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 

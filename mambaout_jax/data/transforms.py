@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from mambaout_jax.data.randaugment import RandAugment, parse_randaugment
+from mambaout_jax.predict import resize_and_center_crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,15 +226,5 @@ class EvalTransform:
 
   def __call__(self, data: bytes) -> np.ndarray:
     img = _decoded(to_rgb, open_image(data))
-    width, height = img.size
-    short_size = int(self.size / self.crop_pct)
-    # torchvision Resize(int): the shorter side becomes short_size, the longer one is truncated.
-    if width <= height:
-      new_w, new_h = short_size, int(short_size * height / width)
-    else:
-      new_w, new_h = int(short_size * width / height), short_size
-    img = img.resize((new_w, new_h), INTERPOLATIONS[self.interpolation])
-    top = int(round((new_h - self.size) / 2.0))
-    left = int(round((new_w - self.size) / 2.0))
-    img = img.crop((left, top, left + self.size, top + self.size))
+    img = resize_and_center_crop(img, self.size, self.crop_pct, INTERPOLATIONS[self.interpolation])
     return normalize(img, self.mean, self.std)
