@@ -66,7 +66,7 @@ CONFIG_FILE="${CONFIG%%:*}"
 [[ -f "$REPO_ROOT/$CONFIG_FILE" ]] || die "no config file $CONFIG_FILE in $REPO_ROOT: pick one of: $(cd "$REPO_ROOT" && ls configs/*.py 2>/dev/null | tr '\n' ' ')"
 [[ -n "$WORKDIR" ]] || die "no workdir: pass --workdir=gs://BUCKET/PATH (shared by all hosts; re-runs resume from it)"
 [[ "$WORKDIR" =~ ^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$ ]] ||
-  die "--workdir '$WORKDIR' is not a gs:// path: every host writes checkpoints there, so use --workdir=gs://BUCKET/PATH"
+  die "--workdir '$WORKDIR' is not a gs:// path with a valid bucket name (3-63 chars: a-z 0-9 - _ .): every host writes checkpoints there, so use --workdir=gs://BUCKET/PATH"
 [[ -z "$DATA_DIR" || "$DATA_DIR" =~ ^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$ || "$DATA_DIR" == /* ]] ||
   die "--data-dir '$DATA_DIR' must be gs://BUCKET/PATH (or an absolute path present on every worker)"
 [[ "$MODE" =~ ^(train|eval|export)$ ]] || die "bad --mode '$MODE': use train, eval or export"
