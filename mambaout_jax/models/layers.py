@@ -1,4 +1,4 @@
-"""Small layers shared by the model families: PyTorch-equivalent LayerNorm/GELU, drop path,
+"""Small layers shared by the model families: PyTorch-equivalent LayerNorm/GELU,
 layer scale, and a depthwise convolution whose formulation is chosen per backend.
 
 Depthwise convolution on XLA:CPU is ~60x slower as a grouped `conv_general_dilated` than the same
@@ -49,23 +49,6 @@ def conv3x3_s2(din, dout, *, dtype, param_dtype, rngs):
   return nnx.Conv(din, dout, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                   kernel_init=trunc_normal_init, bias_init=nnx.initializers.zeros_init(),
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-class DropPath(nnx.Module):
-  """Stochastic depth per sample (timm's DropPath): zero the residual branch, scale by 1/keep."""
-
-  def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    self.rate = rate
-    self.deterministic = False
-    self.rngs = rngs.dropout.fork() if rate > 0 else None
-
-  def __call__(self, x):
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.rngs(), keep, shape)
-    return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
 
 
 class LayerScale(nnx.Module):
