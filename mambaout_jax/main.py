@@ -78,7 +78,8 @@ def main(argv):
     logging.warning('stopped at step %s after saving a checkpoint; rerun the same command to '
                     'resume', e)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError,
+  except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
+          checkpoint.CheckpointUnreadableError, FloatingPointError,
           FileNotFoundError) as e:  # user-fixable: one line saying what to do, no traceback
     sys.exit(f'FATAL {type(e).__name__}: {e}')
 

@@ -14,6 +14,10 @@ from mambaout_jax.models.mambaout import TRAIN_DROP_PATH
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = 'classification'         # mambaout_jax.tasks: 'classification' | 'segmentation'
+  c.init_from = ''                  # fresh workdir: start from these params (params checkpoint
+                                    # dir, official .pth / timm file, 'hf-hub:timm/<tag>')
+  c.init_head = ''                  # 'reset': re-initialise a classifier of another class count
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mambaout_test'
