@@ -59,11 +59,12 @@ def poly_schedule(*, base_lr: float, total_steps: int, warmup_steps: int, warmup
   """
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
-    frac = jnp.clip(1.0 - t / total_steps, 0.0, 1.0)
+    frac = jnp.clip((total_steps - t) / total_steps, 0.0, 1.0)  # exact steps left, then divide
     lr = (base_lr - min_lr) * frac ** power + min_lr
     if warmup_steps > 0:
-      k = (1.0 - t / warmup_steps) * (1.0 - warmup_ratio)
-      lr = jnp.where(t < warmup_steps, lr * (1.0 - k), lr)
+      # = 1 - (1 - t / warmup_steps) * (1 - warmup_ratio), without float32 cancellation near t=0
+      factor = warmup_ratio + (1.0 - warmup_ratio) * t / warmup_steps
+      lr = jnp.where(t < warmup_steps, lr * factor, lr)
     return lr
   return schedule
 
