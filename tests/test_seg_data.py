@@ -359,3 +359,14 @@ def test_damaged_training_pairs_are_replaced_not_fatal(tmp_path):
 def test_missing_folder_says_what_layout_is_expected(tmp_path):
   with pytest.raises(seg_sources.DatasetNotFoundError, match='images/training/'):
     seg_sources.get_seg_dataset_info(seg_config(f'segfolder:{tmp_path}'))
+
+
+def test_digit_scenes_demo_goes_through_the_pipelines():
+  pytest.importorskip('mambaout_jax.data.digit_scenes')  # The segmentation demo set's module.
+  config = seg_config('digit_scenes', eval_scale=(64, 64), scale=(64, 64))
+  config.dataset.update(num_classes=11, reduce_zero_label=False)
+  info = seg_pipeline.get_dataset_info(config)
+  assert info.num_classes == 11 and info.num_eval_examples > 0
+  batch = next(seg_pipeline.create_train_iterator(config, process_index=0, process_count=1))
+  assert batch['image'].shape == (4, 32, 32, 3) and set(np.unique(batch['label'])) <= set(
+      range(11)) | {255}

@@ -5,6 +5,7 @@ exact-once eval pass over images of different sizes.
     batch = next(it)   # {'image': float32 (b, h, w, 3), 'label': int32 (b, h, w)}, (h, w) = crop
     for batch in create_eval_iterator(config, process_index=p, process_count=P):
       ...              # the eval batch format below
+    get_dataset_info(config), class_names(config)   # sizes, 150 ADE20K names for the IoU table
 
 Training (per host): indices 0..N-1 are shuffled with a new permutation each epoch
 (`grain.MapDataset.shuffle` + `repeat`); host p of P takes every P-th position of that global
@@ -63,6 +64,9 @@ import numpy as np
 from mambaout_jax.data import pipeline
 from mambaout_jax.data import seg_sources
 from mambaout_jax.data import seg_transforms as T
+
+get_dataset_info = seg_sources.get_seg_dataset_info  # DatasetInfo of config.dataset.
+class_names = seg_sources.class_names  # The names for the per-class IoU table.
 
 MAX_REPLACEMENTS = 16
 _replaced = [0]  # Training pairs replaced so far in this process (logged).

@@ -9,8 +9,9 @@ Every source is a sequence of `{'image': encoded image bytes, 'label': encoded l
   'segfolder:ROOT'    the unzipped tree: ROOT/images/<split>/*.jpg and
                       ROOT/annotations/<split>/<same stem>.png (ADEChallengeData2016's layout;
                       split 'train' reads 'training' when there is no 'train' folder);
+  'digit_scenes'      the embedded demo set (`digit_scenes.py`, generated on the fly);
   any other name      a TFDS dataset with an encoded 'image' and an encoded single-channel
-                      'segmentation' feature (e.g. a demo set); `dataset.num_classes` must be set.
+                      'segmentation' feature; `dataset.num_classes` must be set.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mambaout_jax.data import sources
 from mambaout_jax.data.sources import DatasetInfo, DatasetNotFoundError
 
 SEGFOLDER_PREFIX = 'segfolder:'
+DIGIT_SCENES = 'digit_scenes'
 ADE20K = 'ade20k'
 ADE20K_ZIP = 'ADEChallengeData2016.zip'
 SPLIT_FOLDERS = {'train': 'training', 'validation': 'validation', 'val': 'validation'}
@@ -153,11 +155,20 @@ class SegFolderSource:
 # ----------------------------------------------------------------------------------------------
 
 
-def open_seg_source(name: str, split: str, data_dir: str | None = None):
-  """Split `split` of segmentation dataset `name` ('segfolder:/path' or a TFDS name)."""
+def _generated_source(name: str, split: str):
+  """Sources generated on the fly (no preparation), or None."""
+  if name == DIGIT_SCENES:
+    from mambaout_jax.data import digit_scenes  # pylint: disable=import-outside-toplevel
+    return digit_scenes.DigitScenes(split)
   if name.startswith(SEGFOLDER_PREFIX):
     return SegFolderSource(name[len(SEGFOLDER_PREFIX):], split)
-  return TfdsSegSource(name, split, data_dir)
+  return None
+
+
+def open_seg_source(name: str, split: str, data_dir: str | None = None):
+  """Split `split` of segmentation dataset `name` ('segfolder:/path', 'digit_scenes' or TFDS)."""
+  source = _generated_source(name, split)
+  return source if source is not None else TfdsSegSource(name, split, data_dir)
 
 
 def num_classes(config) -> int:
@@ -184,7 +195,7 @@ def get_seg_dataset_info(config) -> DatasetInfo:
   ds = config.dataset
   data_dir = ds.get('data_dir', '') or None
   train_split, eval_split = ds.get('train_split', 'train'), ds.get('eval_split', 'validation')
-  if ds.name.startswith(SEGFOLDER_PREFIX):
+  if ds.name.startswith(SEGFOLDER_PREFIX) or ds.name == DIGIT_SCENES:
     num_train = len(open_seg_source(ds.name, train_split))
     num_eval = len(open_seg_source(ds.name, eval_split))
   else:
