@@ -134,6 +134,7 @@ class TfdsSource:
     self._source = builder.as_data_source(
         split, decoders={'image': tfds.decode.SkipDecoding()}, file_format='array_record')
     self.num_classes = builder.info.features['label'].num_classes
+    self._name = f'{name} {split}[%d]'
 
   def __len__(self) -> int:
     return len(self._source)
@@ -141,6 +142,9 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._source[index]
     return {'image': record['image'], 'label': int(record['label'])}
+
+  def describe(self, index: int) -> str:
+    return self._name % index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +193,9 @@ class FolderSource:
     from etils import epath
     path, label = self._files[index]
     return {'image': epath.Path(path).read_bytes(), 'label': label}
+
+  def describe(self, index: int) -> str:
+    return self._files[index][0]
 
 
 # ----------------------------------------------------------------------------------------------
