@@ -308,16 +308,16 @@ def test_train_stream_is_a_function_of_the_step(folder):
     np.testing.assert_array_equal(got['label'], expected['label'])
 
 
-def test_train_host_shards_are_disjoint_and_cover_each_epoch(folder):
+def test_train_host_batches_concatenate_to_the_one_process_batch(folder):
   config = seg_config(folder)
-  seen = []
-  for p in range(2):
-    it = seg_pipeline.create_train_iterator(config, process_index=p, process_count=2)
-    for _ in range(2):  # Epoch 0: 8 examples = 2 steps x 2 hosts x 2.
-      batch = next(it)
-      assert batch['image'].shape == (2, 32, 32, 3)
-      seen += _ids(batch['label'])
-  assert sorted(seen) == list(range(8))
+  single = seg_pipeline.create_train_iterator(config, process_index=0, process_count=1)
+  hosts = [seg_pipeline.create_train_iterator(config, process_index=p, process_count=2)
+           for p in range(2)]
+  for _ in range(3):
+    expected, parts = next(single), [next(it) for it in hosts]
+    assert parts[0]['image'].shape == (2, 32, 32, 3)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), expected[key])
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
@@ -325,7 +325,7 @@ def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_c
   config = seg_config(make_seg_folder(tmp_path, corrupt_val=True), eval_scale=(48, 24))
   transform = T.SegEvalTransform.from_config(config)
   assert transform.canvas == (64, 64) and transform.label_canvas == (64, 64)
-  ids, batch_counts = [], []
+  ids, batch_counts, undecodable = [], [], 0
   for p in range(process_count):
     passes = seg_pipeline.create_eval_iterator(config, process_index=p,
                                                process_count=process_count)
@@ -343,9 +343,10 @@ def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_c
         np.testing.assert_array_equal(batch['image_hw'][k], T.rescale_size(w, h, (48, 24))[::-1])
         assert (batch['label'][k, :h, :w] == i).all() and (batch['label'][k, h:] == 255).all()
       for k in np.flatnonzero(~batch['mask']):
-        assert (batch["label"][k] == 255).all()
+        assert (batch['label'][k] == 255).all()
+      undecodable += int(batch['undecodable'].sum())
   # Images 1 (corrupt) and 3 (label size differs) are masked out; the rest counted once.
-  assert sorted(ids) == [0, 2, 4]
+  assert sorted(ids) == [0, 2, 4] and undecodable == 2
   assert len(set(batch_counts)) == 1
 
 

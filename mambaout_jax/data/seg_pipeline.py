@@ -7,15 +7,15 @@ exact-once eval pass over images of different sizes.
       ...              # the eval batch format below
     get_dataset_info(config), class_names(config)   # sizes, 150 ADE20K names for the IoU table
 
-Training (per host): indices 0..N-1 are shuffled with a new permutation each epoch
-(`grain.MapDataset.shuffle` + `repeat`); host p of P takes every P-th position of that global
-stream and its step-s batch is local positions [s*b, (s+1)*b). So the stream's position is a pure
-function of the global step: a run resumed at step s calls this with `start_step=s` and gets the
-batches the uninterrupted run saw (no iterator state to checkpoint). Each example is augmented
-with a generator seeded by (seed, epoch, source index), independent of hosts, workers and
-restarts. A pair that cannot be used (corrupt file, label size != image size) is replaced by the
-next usable index (its own seeded generator), with a warning that names the file and counts the
-replacements in this process; the stream stays a pure function of the step.
+Training: the classification pipeline's stream (`pipeline.StreamPosition`): global batch s is
+positions [s*B, (s+1)*B) of one stream of source indices reshuffled every epoch, host p of P takes
+rows [p*B/P, (p+1)*B/P) of it. So the batch of a step is a pure function of (seed, step): a run
+resumed at step s calls this with `start_step=s` and gets the batches the uninterrupted run saw on
+any number of processes (no iterator state to checkpoint). Each example is augmented with a
+generator seeded by (seed, epoch, source index). A pair that cannot be used (corrupt file, label
+size != image size) is replaced by the next usable source index, augmented with the original
+example's generator; each replacement is logged with the file and counted, and the stream keeps
+its length.
 
 Eval batch format (per host; `b = eval_batch_size // P`; the canvases are fixed by the config so
 every batch has the same shapes under jit):
@@ -28,9 +28,11 @@ every batch has the same shapes under jit):
                                       top-left, 255 (ignored) elsewhere;
   'label_hw'  int32 (b, 2)            the original (h, w): logits of the valid image region are
                                       resized to this before the argmax;
-  'mask'      bool (b,)               False on padding rows (and on pairs that cannot be used,
-                                      which are logged); padding rows have all-255 labels and
-                                      hw = the canvas sizes.
+  'mask'      bool (b,)               False on padding rows and on pairs that cannot be used;
+                                      those rows have all-255 labels and hw = the canvas sizes;
+  'undecodable' bool (b,)             True on pairs that cannot be used (corrupt file, label size
+                                      != image size; logged with the file), so that
+                                      num_examples + num_undecodable is the size of the split.
 Canvases: `input.eval_canvas` (Hc, Wc), default (S, S) with S = max(eval_scale) rounded up to a
 multiple of 32 ((2048, 2048) for ADE20K), which holds a rescaled image of any aspect ratio;
 `input.eval_label_canvas` (Hl, Wl), default = the image canvas. A smaller canvas saves memory;
@@ -55,6 +57,7 @@ over the valid region differs only in windows that reach into the padding.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from absl import logging
@@ -68,8 +71,6 @@ from mambaout_jax.data import seg_transforms as T
 get_dataset_info = seg_sources.get_seg_dataset_info  # DatasetInfo of config.dataset.
 class_names = seg_sources.class_names  # The names for the per-class IoU table.
 
-MAX_REPLACEMENTS = 16
-_replaced = [0]  # Training pairs replaced so far in this process (logged).
 
 
 def _open_source(config, split_key: str, default_split: str):
@@ -84,46 +85,53 @@ def _open_source(config, split_key: str, default_split: str):
 
 @dataclasses.dataclass(frozen=True)
 class SegTrainExample(grain.transforms.Map):
-  """(epoch, index) -> augmented {'image', 'label'}; unusable pairs replaced by the next index."""
+  """(epoch, index) -> augmented {'image', 'label', 'replaced'}; an unusable pair is replaced by
+  the next usable source index (cyclically), augmented with the original example's generator."""
   source: Any
   transform: T.SegTrainTransform
   seed: int
 
   def map(self, element):
     epoch, index = element
-    for attempt in range(MAX_REPLACEMENTS + 1):
-      i = (index + attempt) % len(self.source)
-      record = self.source[i]
-      rng = np.random.default_rng((self.seed, epoch, index, attempt) if attempt else
-                                  (self.seed, epoch, index))
+    num_examples = len(self.source)
+    errors = []
+    for offset in range(min(num_examples, pipeline.MAX_CONSECUTIVE_UNDECODABLE)):
+      record = self.source[(index + offset) % num_examples]
+      rng = np.random.default_rng((self.seed, epoch, index))
       try:
         image, label = self.transform(record['image'], record['label'], rng, record['name'])
-        return {'image': image, 'label': label}
       except T.SegExampleError as e:
-        _replaced[0] += 1
-        logging.warning('training pair replaced by the next one (%d so far in this process): %s',
-                        _replaced[0], e)
+        errors.append(str(e))
+        continue
+      if offset:
+        logging.warning('training pair %d cannot be used (%s); replaced by pair %d (epoch %d)',
+                        index, errors[0], (index + offset) % num_examples, epoch)
+      return {'image': image, 'label': label, 'replaced': bool(offset)}
     raise T.SegExampleError(
-        f'{MAX_REPLACEMENTS + 1} consecutive training pairs from index {index} cannot be used '
-        f'(last: {record["name"]}); the dataset is damaged: prepare it again')
+        f'{len(errors)} consecutive training pairs from index {index} cannot be used (first: '
+        f'{errors[0]}); the dataset is damaged: prepare it again')
 
 
 def create_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
                           start_step: int = 0):
-  """Infinite iterator of host-local batches from global step `start_step` on (see module doc)."""
+  """Infinite iterator of host-local batches {'image' float32 (b, h, w, 3), 'label' int32
+  (b, h, w)}, (h, w) = the crop; its first batch is this host's rows of global batch
+  `start_step` (module doc)."""
   local_batch = pipeline._per_host(config.batch_size, process_count, 'batch_size')  # pylint: disable=protected-access
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0')
   source = _open_source(config, 'train_split', 'train')
   num_examples = len(source)
-  if local_batch * process_count > num_examples:
+  if config.batch_size > num_examples:
     raise ValueError(f'batch_size={config.batch_size} is larger than the {num_examples} training '
                      f'examples of {config.dataset.name!r}; lower batch_size')
-  ds = grain.MapDataset.range(num_examples).shuffle(seed=config.seed % 2**32).repeat()
-  ds = ds.map_with_index(pipeline.EpochAndIndex(num_examples))
-  ds = ds[process_index::process_count]
-  ds = ds[start_step * local_batch:]
+  order = grain.MapDataset.range(num_examples).shuffle(seed=config.seed % 2**32).repeat()
+  ds = grain.MapDataset.range(sys.maxsize).map(pipeline.StreamPosition(
+      order, num_examples, config.batch_size, local_batch, process_index, start_step))
   ds = ds.map(SegTrainExample(source, T.SegTrainTransform.from_config(config), config.seed))
   ds = ds.to_iter_dataset(pipeline._read_options(config, local_batch))  # pylint: disable=protected-access
   ds = pipeline._multiprocessing(ds, config)  # pylint: disable=protected-access
+  ds = ds.map(pipeline.CountReplaced())  # In this process: one count whatever the workers.
   return iter(ds.batch(local_batch, drop_remainder=True))
 
 
@@ -146,10 +154,12 @@ class SegEvalExample(grain.transforms.Map):
       record = self.source[index]
       try:
         example = self.transform(record['image'], record['label'], record['name'])
-        return {**example, 'mask': np.True_}
+        return {**example, 'mask': np.True_, 'undecodable': np.False_}
       except T.SegExampleError as e:
-        logging.warning('eval example %d is masked out (not counted): %s', index, e)
-    return {**self.transform.padding(), 'mask': np.False_}
+        logging.warning('eval pair %d cannot be used: %s; it is counted in eval/num_undecodable',
+                        index, e)
+        return {**self.transform.padding(), 'mask': np.False_, 'undecodable': np.True_}
+    return {**self.transform.padding(), 'mask': np.False_, 'undecodable': np.False_}
 
 
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1):
