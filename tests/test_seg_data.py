@@ -322,9 +322,14 @@ def test_train_host_batches_concatenate_to_the_one_process_batch(folder):
 
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_count):
-  config = seg_config(make_seg_folder(tmp_path, corrupt_val=True), eval_scale=(48, 24))
-  transform = T.SegEvalTransform.from_config(config)
-  assert transform.canvas == (64, 64) and transform.label_canvas == (64, 64)
+  config = seg_config(make_seg_folder(tmp_path, corrupt_val=True), eval_scale=(96, 24))
+  # Canvases fitted to the split: rescaled to (96, 24) (keep ratio) the tallest image is 47 px
+  # (33x17 -> 47x24), the widest 96 px (12x50 -> 23x96); the largest label map 40x50 (the 5x5
+  # one is damaged); each side rounded up to 32. Without the sizes: (96, 96) holds any ratio.
+  source = seg_sources.open_seg_source(config.dataset.name, 'validation')
+  transform = T.SegEvalTransform.from_config(config, source.sizes())
+  assert transform.canvas == (64, 96) and transform.label_canvas == (64, 64)
+  assert T.SegEvalTransform.from_config(config).canvas == (96, 96)
   ids, batch_counts, undecodable = [], [], 0
   for p in range(process_count):
     passes = seg_pipeline.create_eval_iterator(config, process_index=p,
@@ -333,14 +338,14 @@ def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_c
     batch_counts.append(len(batches))
     assert len(passes) == len(batches)
     for batch in batches:
-      assert batch['image'].shape == (4 // process_count, 64, 64, 3)
+      assert batch['image'].shape == (4 // process_count, 64, 96, 3)
       assert batch['label'].shape == (4 // process_count, 64, 64)
       for k in np.flatnonzero(batch['mask']):
         i = _ids(batch['label'][k:k + 1])[0]
         h, w = VAL_SIZES[i]
         ids.append(i)
         np.testing.assert_array_equal(batch['label_hw'][k], [h, w])
-        np.testing.assert_array_equal(batch['image_hw'][k], T.rescale_size(w, h, (48, 24))[::-1])
+        np.testing.assert_array_equal(batch['image_hw'][k], T.rescale_size(w, h, (96, 24))[::-1])
         assert (batch['label'][k, :h, :w] == i).all() and (batch['label'][k, h:] == 255).all()
       for k in np.flatnonzero(~batch['mask']):
         assert (batch['label'][k] == 255).all()

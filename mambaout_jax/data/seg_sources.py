@@ -81,12 +81,17 @@ class TfdsSegSource:
                        f'{", ".join(sorted(builder.info.splits))}')
     self._has_names = 'file_name' in features
     self._split = split
+    self._sizes = (builder.info.metadata or {}).get(f'sizes/{split}')
     self._source = builder.as_data_source(
         split, file_format='array_record',
         decoders={'image': tfds.decode.SkipDecoding(), 'segmentation': tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def sizes(self) -> list[tuple[int, int]] | None:
+    """(h, w) of every pair, recorded while preparing (None when the builder has no record)."""
+    return None if self._sizes is None else [tuple(s) for s in self._sizes]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._source[index]
@@ -144,6 +149,20 @@ class SegFolderSource:
 
   def __len__(self) -> int:
     return len(self._pairs)
+
+  def sizes(self) -> list[tuple[int, int]]:
+    """(h, w) of every readable label map, from the PNG headers (no decoding)."""
+    from etils import epath
+    from PIL import Image
+    sizes = []
+    for _, label in self._pairs:
+      try:
+        with epath.Path(label).open('rb') as f:
+          width, height = Image.open(f).size
+      except (OSError, ValueError, SyntaxError):
+        continue  # The pipeline reports it when it reaches the pair.
+      sizes.append((height, width))
+    return sizes
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     from etils import epath
