@@ -376,3 +376,8 @@ def test_digit_scenes_demo_goes_through_the_pipelines():
   batch = next(seg_pipeline.create_train_iterator(config, process_index=0, process_count=1))
   assert batch['image'].shape == (4, 32, 32, 3) and set(np.unique(batch['label'])) <= set(
       range(11)) | {255}
+  # Validation scenes of different sizes: canvases fitted from the label headers.
+  batch = next(iter(seg_pipeline.create_eval_iterator(config, process_index=0, process_count=1)))
+  assert batch['mask'].all() and batch['image'].shape[1:3] == (64, 64)
+  assert (batch['label_hw'] <= batch['label'].shape[1:]).all()
+  assert batch['label'].shape[1] % 32 == 0 and batch['label'].shape[1] >= 64

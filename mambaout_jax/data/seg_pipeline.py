@@ -34,13 +34,12 @@ every batch has the same shapes under jit):
                                       != image size; logged with the file), so that
                                       num_examples + num_undecodable is the size of the split.
 Canvases: `input.eval_canvas` (Hc, Wc) and `input.eval_label_canvas` (Hl, Wl) when set; else
-fitted to the split (the largest rescaled image and the largest label map, each side rounded up
-to a multiple of 32) from the sizes `ade20k` records while preparing or the PNG headers of a
-`segfolder:`; else (S, S) with S = max(eval_scale) rounded up to 32 ((2048, 2048) for ADE20K),
-which holds a rescaled image of any aspect ratio, for both. An image or label that does not fit
-is an error naming the file and the key to raise. Host p takes examples p, p + P, ... and every
-host yields the same number of batches, so each validation image is counted exactly once on any
-number of hosts.
+fitted to the split: the largest rescaled image and the largest label map, each side rounded up to
+a multiple of 32, from the sizes `ade20k` records while preparing, else from the label headers of
+every eval example (read once when the pass is created). An image or label that does not fit a
+configured canvas is an error naming the file and the key to raise. Host p takes examples p,
+p + P, ... and every host yields the same number of batches, so each validation image is counted
+exactly once on any number of hosts.
 
 What the padded canvas does to whole-image inference (mmseg runs each image alone at its exact
 rescaled size, batch 1, upsamples the 1/4-resolution logits to that size, then resizes them to the
@@ -171,8 +170,10 @@ def create_eval_iterator(config, *, process_index: int = 0, process_count: int =
   source = _open_source(config, 'eval_split', 'validation')
   num_examples = len(source)
   num_batches = pipeline.num_eval_batches(num_examples, local_batch, process_count)
-  sizes = source.sizes() if hasattr(source, 'sizes') else None
-  transform = T.SegEvalTransform.from_config(config, sizes)
+  inp = config.get('input', {})
+  fixed = inp.get('eval_canvas', None) and inp.get('eval_label_canvas', None)
+  transform = T.SegEvalTransform.from_config(
+      config, None if fixed else seg_sources.split_sizes(source))
   ds = grain.MapDataset.range(num_batches * local_batch)
   ds = ds.map(SegEvalExample(source, transform, process_index, process_count, num_examples))
   ds = ds.to_iter_dataset(pipeline._read_options(config, local_batch))  # pylint: disable=protected-access

@@ -153,16 +153,11 @@ class SegFolderSource:
   def sizes(self) -> list[tuple[int, int]]:
     """(h, w) of every readable label map, from the PNG headers (no decoding)."""
     from etils import epath
-    from PIL import Image
     sizes = []
     for _, label in self._pairs:
-      try:
-        with epath.Path(label).open('rb') as f:
-          width, height = Image.open(f).size
-      except (OSError, ValueError, SyntaxError):
-        continue  # The pipeline reports it when it reaches the pair.
-      sizes.append((height, width))
-    return sizes
+      with epath.Path(label).open('rb') as f:
+        sizes.append(image_size(f))
+    return [s for s in sizes if s is not None]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     from etils import epath
@@ -172,6 +167,27 @@ class SegFolderSource:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def image_size(file) -> tuple[int, int] | None:
+  """(h, w) from an image file's header (bytes or a file object); None when unreadable."""
+  import io
+  from PIL import Image
+  try:
+    width, height = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file).size
+  except (OSError, ValueError, SyntaxError):
+    return None  # The pipeline reports the pair when it reaches it.
+  return height, width
+
+
+def split_sizes(source) -> list[tuple[int, int]]:
+  """(h, w) of the split's label maps: recorded by the source, else read from every header."""
+  sizes = source.sizes() if hasattr(source, 'sizes') else None
+  if sizes is None:
+    logging.info('reading the sizes of %d label maps to fit the eval canvases (set '
+                 'input.eval_canvas and input.eval_label_canvas to skip this)', len(source))
+    sizes = [image_size(source[i]['label']) for i in range(len(source))]
+  return [s for s in sizes if s is not None]
 
 
 def _generated_source(name: str, split: str):
