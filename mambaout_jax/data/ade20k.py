@@ -1,4 +1,4 @@
-r"""`ade20k`: ADE20K SceneParsing (ADEChallengeData2016, 150 classes), a TFDS builder fed from the zip.
+r"""`ade20k`: ADE20K SceneParsing (ADEChallengeData2016, 150 classes), TFDS builder fed by the zip.
 
   python -m mambaout_jax.data.prepare --dataset=ade20k \
       --manual_dir=DIR_WITH_ADEChallengeData2016.zip --data_dir=/data/tensorflow_datasets

@@ -69,6 +69,12 @@ from mambaout_jax.data import pipeline
 from mambaout_jax.data import seg_sources
 from mambaout_jax.data import seg_transforms as T
 
+# The classification pipeline's helpers, so that both streams read and shard alike.
+# pylint: disable=protected-access
+_per_host, _read_options = pipeline._per_host, pipeline._read_options
+_multiprocessing = pipeline._multiprocessing
+# pylint: enable=protected-access
+
 get_dataset_info = seg_sources.get_seg_dataset_info  # DatasetInfo of config.dataset.
 class_names = seg_sources.class_names  # The names for the per-class IoU table.
 
@@ -118,7 +124,7 @@ def create_train_iterator(config, *, process_index: int = 0, process_count: int 
   """Infinite iterator of host-local batches {'image' float32 (b, h, w, 3), 'label' int32
   (b, h, w)}, (h, w) = the crop; its first batch is this host's rows of global batch
   `start_step` (module doc)."""
-  local_batch = pipeline._per_host(config.batch_size, process_count, 'batch_size')  # pylint: disable=protected-access
+  local_batch = _per_host(config.batch_size, process_count, 'batch_size')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
   source = _open_source(config, 'train_split', 'train')
@@ -130,8 +136,8 @@ def create_train_iterator(config, *, process_index: int = 0, process_count: int 
   ds = grain.MapDataset.range(sys.maxsize).map(pipeline.StreamPosition(
       order, num_examples, config.batch_size, local_batch, process_index, start_step))
   ds = ds.map(SegTrainExample(source, T.SegTrainTransform.from_config(config), config.seed))
-  ds = ds.to_iter_dataset(pipeline._read_options(config, local_batch))  # pylint: disable=protected-access
-  ds = pipeline._multiprocessing(ds, config)  # pylint: disable=protected-access
+  ds = ds.to_iter_dataset(_read_options(config, local_batch))
+  ds = _multiprocessing(ds, config)
   ds = ds.map(pipeline.CountReplaced())  # In this process: one count whatever the workers.
   return iter(ds.batch(local_batch, drop_remainder=True))
 
@@ -166,7 +172,7 @@ class SegEvalExample(grain.transforms.Map):
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1):
   """One pass over the eval split in the eval batch format; the same batch count on every host."""
   eval_batch = config.get('eval_batch_size', config.get('batch_size'))
-  local_batch = pipeline._per_host(eval_batch, process_count, 'eval_batch_size')  # pylint: disable=protected-access
+  local_batch = _per_host(eval_batch, process_count, 'eval_batch_size')
   source = _open_source(config, 'eval_split', 'validation')
   num_examples = len(source)
   num_batches = pipeline.num_eval_batches(num_examples, local_batch, process_count)
@@ -176,6 +182,6 @@ def create_eval_iterator(config, *, process_index: int = 0, process_count: int =
       config, None if fixed else seg_sources.split_sizes(source))
   ds = grain.MapDataset.range(num_batches * local_batch)
   ds = ds.map(SegEvalExample(source, transform, process_index, process_count, num_examples))
-  ds = ds.to_iter_dataset(pipeline._read_options(config, local_batch))  # pylint: disable=protected-access
-  ds = pipeline._multiprocessing(ds, config)  # pylint: disable=protected-access
+  ds = ds.to_iter_dataset(_read_options(config, local_batch))
+  ds = _multiprocessing(ds, config)
   return pipeline.EvalPass(ds.batch(local_batch, drop_remainder=True), num_batches)

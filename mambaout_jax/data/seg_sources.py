@@ -58,7 +58,8 @@ def is_ade20k(name: str) -> bool:
 def prepare_command(name: str, data_dir: str | None) -> str:
   command = sources.prepare_command(name, data_dir)
   if name == ADE20K:
-    command = command.replace('--dataset=ade20k', f'--dataset=ade20k --manual_dir=DIR_WITH_{ADE20K_ZIP}')
+    command = command.replace('--dataset=ade20k',
+                              f'--dataset=ade20k --manual_dir=DIR_WITH_{ADE20K_ZIP}')
   return command
 
 
