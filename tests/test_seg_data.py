@@ -308,24 +308,29 @@ def test_train_stream_is_a_function_of_the_step(folder):
     np.testing.assert_array_equal(got['label'], expected['label'])
 
 
-def test_train_host_shards_are_disjoint_and_cover_each_epoch(folder):
+def test_train_host_batches_concatenate_to_the_one_process_batch(folder):
   config = seg_config(folder)
-  seen = []
-  for p in range(2):
-    it = seg_pipeline.create_train_iterator(config, process_index=p, process_count=2)
-    for _ in range(2):  # Epoch 0: 8 examples = 2 steps x 2 hosts x 2.
-      batch = next(it)
-      assert batch['image'].shape == (2, 32, 32, 3)
-      seen += _ids(batch['label'])
-  assert sorted(seen) == list(range(8))
+  single = seg_pipeline.create_train_iterator(config, process_index=0, process_count=1)
+  hosts = [seg_pipeline.create_train_iterator(config, process_index=p, process_count=2)
+           for p in range(2)]
+  for _ in range(3):
+    expected, parts = next(single), [next(it) for it in hosts]
+    assert parts[0]['image'].shape == (2, 32, 32, 3)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), expected[key])
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
 def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_count):
-  config = seg_config(make_seg_folder(tmp_path, corrupt_val=True), eval_scale=(48, 24))
-  transform = T.SegEvalTransform.from_config(config)
-  assert transform.canvas == (64, 64) and transform.label_canvas == (64, 64)
-  ids, batch_counts = [], []
+  config = seg_config(make_seg_folder(tmp_path, corrupt_val=True), eval_scale=(96, 24))
+  # Canvases fitted to the split: rescaled to (96, 24) (keep ratio) the tallest image is 47 px
+  # (33x17 -> 47x24), the widest 96 px (12x50 -> 23x96); the largest label map 40x50 (the 5x5
+  # one is damaged); each side rounded up to 32. Without the sizes: (96, 96) holds any ratio.
+  source = seg_sources.open_seg_source(config.dataset.name, 'validation')
+  transform = T.SegEvalTransform.from_config(config, source.sizes())
+  assert transform.canvas == (64, 96) and transform.label_canvas == (64, 64)
+  assert T.SegEvalTransform.from_config(config).canvas == (96, 96)
+  ids, batch_counts, undecodable = [], [], 0
   for p in range(process_count):
     passes = seg_pipeline.create_eval_iterator(config, process_index=p,
                                                process_count=process_count)
@@ -333,19 +338,20 @@ def test_eval_counts_every_image_once_on_any_number_of_hosts(tmp_path, process_c
     batch_counts.append(len(batches))
     assert len(passes) == len(batches)
     for batch in batches:
-      assert batch['image'].shape == (4 // process_count, 64, 64, 3)
+      assert batch['image'].shape == (4 // process_count, 64, 96, 3)
       assert batch['label'].shape == (4 // process_count, 64, 64)
       for k in np.flatnonzero(batch['mask']):
         i = _ids(batch['label'][k:k + 1])[0]
         h, w = VAL_SIZES[i]
         ids.append(i)
         np.testing.assert_array_equal(batch['label_hw'][k], [h, w])
-        np.testing.assert_array_equal(batch['image_hw'][k], T.rescale_size(w, h, (48, 24))[::-1])
+        np.testing.assert_array_equal(batch['image_hw'][k], T.rescale_size(w, h, (96, 24))[::-1])
         assert (batch['label'][k, :h, :w] == i).all() and (batch['label'][k, h:] == 255).all()
       for k in np.flatnonzero(~batch['mask']):
-        assert (batch["label"][k] == 255).all()
+        assert (batch['label'][k] == 255).all()
+      undecodable += int(batch['undecodable'].sum())
   # Images 1 (corrupt) and 3 (label size differs) are masked out; the rest counted once.
-  assert sorted(ids) == [0, 2, 4]
+  assert sorted(ids) == [0, 2, 4] and undecodable == 2
   assert len(set(batch_counts)) == 1
 
 
@@ -359,3 +365,19 @@ def test_damaged_training_pairs_are_replaced_not_fatal(tmp_path):
 def test_missing_folder_says_what_layout_is_expected(tmp_path):
   with pytest.raises(seg_sources.DatasetNotFoundError, match='images/training/'):
     seg_sources.get_seg_dataset_info(seg_config(f'segfolder:{tmp_path}'))
+
+
+def test_digit_scenes_demo_goes_through_the_pipelines():
+  pytest.importorskip('mambaout_jax.data.digit_scenes')  # The segmentation demo set's module.
+  config = seg_config('digit_scenes', eval_scale=(64, 64), scale=(64, 64))
+  config.dataset.update(num_classes=11, reduce_zero_label=False)
+  info = seg_pipeline.get_dataset_info(config)
+  assert info.num_classes == 11 and info.num_eval_examples > 0
+  batch = next(seg_pipeline.create_train_iterator(config, process_index=0, process_count=1))
+  assert batch['image'].shape == (4, 32, 32, 3) and set(np.unique(batch['label'])) <= set(
+      range(11)) | {255}
+  # Validation scenes of different sizes: canvases fitted from the label headers.
+  batch = next(iter(seg_pipeline.create_eval_iterator(config, process_index=0, process_count=1)))
+  assert batch['mask'].all() and batch['image'].shape[1:3] == (64, 64)
+  assert (batch['label_hw'] <= batch['label'].shape[1:]).all()
+  assert batch['label'].shape[1] % 32 == 0 and batch['label'].shape[1] >= 64

@@ -78,8 +78,12 @@ def test_prepared_ade20k_through_the_pipelines(prepared):
   batch = next(seg_pipeline.create_train_iterator(config, process_index=0, process_count=1))
   assert batch['image'].shape == (4, 32, 32, 3) and batch['label'].shape == (4, 32, 32)
   assert set(np.unique(batch['label'])) <= {0, 1, 2, 3, 255}
+  # Eval canvases fitted to the sizes recorded while preparing: the largest label is 33x50.
+  source = seg_sources.open_seg_source('ade20k', 'validation', config.dataset.data_dir)
+  assert sorted(source.sizes()) == sorted(VAL_SIZES)
   seen = []
   for batch in seg_pipeline.create_eval_iterator(config, process_index=0, process_count=1):
+    assert batch['label'].shape == (4, 64, 64)
     for k in np.flatnonzero(batch['mask']):
       h, w = batch['label_hw'][k]
       i = int(batch['label'][k, 0, 1])

@@ -1,4 +1,4 @@
-r"""`ade20k`: ADE20K SceneParsing (ADEChallengeData2016, 150 classes), a TFDS builder fed from the zip.
+r"""`ade20k`: ADE20K SceneParsing (ADEChallengeData2016, 150 classes), TFDS builder fed by the zip.
 
   python -m mambaout_jax.data.prepare --dataset=ade20k \
       --manual_dir=DIR_WITH_ADEChallengeData2016.zip --data_dir=/data/tensorflow_datasets
@@ -67,6 +67,8 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
             'file_name': tfds.features.Text(),
         }),
         homepage='http://sceneparsing.csail.mit.edu/',
+        # 'sizes/<split>': [[h, w], ...] of the stored pairs, so eval canvases can be fitted.
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -75,27 +77,31 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
       raise FileNotFoundError(
           f'{ZIP_NAME} not found in --manual_dir={dl_manager.manual_dir}; '
           f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-    return {split: self._generate_examples(zip_path, folder) for split, folder in SPLITS.items()}
+    return {split: self._generate_examples(zip_path, split, folder)
+            for split, folder in SPLITS.items()}
 
-  def _generate_examples(self, zip_path, folder: str):
+  def _generate_examples(self, zip_path, split: str, folder: str):
     with zip_path.open('rb') as f, zipfile.ZipFile(f) as archive:
       pairs, unpaired = find_pairs(archive.namelist(), folder)
       if not pairs:
         raise ValueError(f'{zip_path} has no images/{folder}/*.jpg with '
                          f'annotations/{folder}/*.png; is it {ZIP_NAME}?')
       skipped = [f'{name}: no label map' for name in unpaired]
+      sizes = []
       for name in skipped:
         logging.warning('ade20k: skipping %s', name)
       for stem, image_name, label_name in pairs:
         image, label = archive.read(image_name), archive.read(label_name)
         try:
-          seg_transforms.decode_pair(image, label, image_name)
+          _, label_map = seg_transforms.decode_pair(image, label, image_name)
         except seg_transforms.SegExampleError as e:
           skipped.append(str(e))
           logging.warning('ade20k: skipping %s', e)
           continue
+        sizes.append(list(label_map.shape))
         yield stem, {'image': image, 'segmentation': label,
                      'file_name': posixpath.basename(image_name)}
+      self.info.metadata[f'sizes/{split}'] = sizes
       if skipped:
         logging.warning('ade20k %s: skipped %d of %d images: %s%s', folder, len(skipped),
                         len(pairs) + len(unpaired), '; '.join(skipped[:10]),

@@ -9,8 +9,9 @@ Every source is a sequence of `{'image': encoded image bytes, 'label': encoded l
   'segfolder:ROOT'    the unzipped tree: ROOT/images/<split>/*.jpg and
                       ROOT/annotations/<split>/<same stem>.png (ADEChallengeData2016's layout;
                       split 'train' reads 'training' when there is no 'train' folder);
+  'digit_scenes'      the embedded demo set (`digit_scenes.py`, generated on the fly);
   any other name      a TFDS dataset with an encoded 'image' and an encoded single-channel
-                      'segmentation' feature (e.g. a demo set); `dataset.num_classes` must be set.
+                      'segmentation' feature; `dataset.num_classes` must be set.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mambaout_jax.data import sources
 from mambaout_jax.data.sources import DatasetInfo, DatasetNotFoundError
 
 SEGFOLDER_PREFIX = 'segfolder:'
+DIGIT_SCENES = 'digit_scenes'
 ADE20K = 'ade20k'
 ADE20K_ZIP = 'ADEChallengeData2016.zip'
 SPLIT_FOLDERS = {'train': 'training', 'validation': 'validation', 'val': 'validation'}
@@ -56,7 +58,8 @@ def is_ade20k(name: str) -> bool:
 def prepare_command(name: str, data_dir: str | None) -> str:
   command = sources.prepare_command(name, data_dir)
   if name == ADE20K:
-    command = command.replace('--dataset=ade20k', f'--dataset=ade20k --manual_dir=DIR_WITH_{ADE20K_ZIP}')
+    command = command.replace('--dataset=ade20k',
+                              f'--dataset=ade20k --manual_dir=DIR_WITH_{ADE20K_ZIP}')
   return command
 
 
@@ -79,12 +82,17 @@ class TfdsSegSource:
                        f'{", ".join(sorted(builder.info.splits))}')
     self._has_names = 'file_name' in features
     self._split = split
+    self._sizes = (builder.info.metadata or {}).get(f'sizes/{split}')
     self._source = builder.as_data_source(
         split, file_format='array_record',
         decoders={'image': tfds.decode.SkipDecoding(), 'segmentation': tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def sizes(self) -> list[tuple[int, int]] | None:
+    """(h, w) of every pair, recorded while preparing (None when the builder has no record)."""
+    return None if self._sizes is None else [tuple(s) for s in self._sizes]
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._source[index]
@@ -143,6 +151,15 @@ class SegFolderSource:
   def __len__(self) -> int:
     return len(self._pairs)
 
+  def sizes(self) -> list[tuple[int, int]]:
+    """(h, w) of every readable label map, from the PNG headers (no decoding)."""
+    from etils import epath
+    sizes = []
+    for _, label in self._pairs:
+      with epath.Path(label).open('rb') as f:
+        sizes.append(image_size(f))
+    return [s for s in sizes if s is not None]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     from etils import epath
     image, label = self._pairs[index]
@@ -153,11 +170,41 @@ class SegFolderSource:
 # ----------------------------------------------------------------------------------------------
 
 
-def open_seg_source(name: str, split: str, data_dir: str | None = None):
-  """Split `split` of segmentation dataset `name` ('segfolder:/path' or a TFDS name)."""
+def image_size(file) -> tuple[int, int] | None:
+  """(h, w) from an image file's header (bytes or a file object); None when unreadable."""
+  import io
+  from PIL import Image
+  try:
+    width, height = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file).size
+  except (OSError, ValueError, SyntaxError):
+    return None  # The pipeline reports the pair when it reaches it.
+  return height, width
+
+
+def split_sizes(source) -> list[tuple[int, int]]:
+  """(h, w) of the split's label maps: recorded by the source, else read from every header."""
+  sizes = source.sizes() if hasattr(source, 'sizes') else None
+  if sizes is None:
+    logging.info('reading the sizes of %d label maps to fit the eval canvases (set '
+                 'input.eval_canvas and input.eval_label_canvas to skip this)', len(source))
+    sizes = [image_size(source[i]['label']) for i in range(len(source))]
+  return [s for s in sizes if s is not None]
+
+
+def _generated_source(name: str, split: str):
+  """Sources generated on the fly (no preparation), or None."""
+  if name == DIGIT_SCENES:
+    from mambaout_jax.data import digit_scenes  # pylint: disable=import-outside-toplevel
+    return digit_scenes.DigitScenes(split)
   if name.startswith(SEGFOLDER_PREFIX):
     return SegFolderSource(name[len(SEGFOLDER_PREFIX):], split)
-  return TfdsSegSource(name, split, data_dir)
+  return None
+
+
+def open_seg_source(name: str, split: str, data_dir: str | None = None):
+  """Split `split` of segmentation dataset `name` ('segfolder:/path', 'digit_scenes' or TFDS)."""
+  source = _generated_source(name, split)
+  return source if source is not None else TfdsSegSource(name, split, data_dir)
 
 
 def num_classes(config) -> int:
@@ -184,7 +231,7 @@ def get_seg_dataset_info(config) -> DatasetInfo:
   ds = config.dataset
   data_dir = ds.get('data_dir', '') or None
   train_split, eval_split = ds.get('train_split', 'train'), ds.get('eval_split', 'validation')
-  if ds.name.startswith(SEGFOLDER_PREFIX):
+  if ds.name.startswith(SEGFOLDER_PREFIX) or ds.name == DIGIT_SCENES:
     num_train = len(open_seg_source(ds.name, train_split))
     num_eval = len(open_seg_source(ds.name, eval_split))
   else:

@@ -205,6 +205,10 @@ class PhotoMetricDistortion:
 # The two transforms
 
 
+def _round_up(hw, multiple: int = 32) -> tuple[int, int]:
+  return tuple(int(-(-int(v) // multiple) * multiple) for v in hw)
+
+
 def _pair(value, what: str) -> tuple[int, int]:
   if isinstance(value, int):
     return value, value
@@ -274,12 +278,20 @@ class SegEvalTransform:
   std: tuple[float, float, float] = IMAGENET_STD
 
   @classmethod
-  def from_config(cls, config) -> 'SegEvalTransform':
+  def from_config(cls, config, sizes=None) -> 'SegEvalTransform':
+    """Canvases: `input.eval_canvas` / `input.eval_label_canvas` when set; else fitted to the
+    split's (h, w) `sizes` when known (rounded up to multiples of 32), else (S, S) with S =
+    max(eval_scale) rounded up to 32, which holds a rescaled image of any aspect ratio."""
     aug, inp = config.get('aug', {}), config.get('input', {})
     scale = _pair(aug.get('eval_scale', aug.get('scale', (2048, 512))), 'aug.eval_scale')
-    side = -(-max(scale) // 32) * 32  # Holds any aspect ratio; a multiple of the stride 32.
-    canvas = _pair(inp.get('eval_canvas', None) or (side, side), 'input.eval_canvas')
-    label_canvas = _pair(inp.get('eval_label_canvas', None) or canvas, 'input.eval_label_canvas')
+    if sizes:
+      rescaled = np.array([rescale_size(w, h, scale)[::-1] for h, w in sizes])
+      fit_canvas, fit_label = _round_up(rescaled.max(0)), _round_up(np.max(sizes, 0))
+    else:
+      fit_canvas = fit_label = _round_up((max(scale), max(scale)))
+    canvas = _pair(inp.get('eval_canvas', None) or fit_canvas, 'input.eval_canvas')
+    label_canvas = _pair(inp.get('eval_label_canvas', None) or fit_label,
+                         'input.eval_label_canvas')
     return cls(scale=scale, canvas=canvas, label_canvas=label_canvas,
                reduce_zero_label=config.dataset.get('reduce_zero_label', True),
                mean=tuple(inp.get('mean', IMAGENET_MEAN)), std=tuple(inp.get('std', IMAGENET_STD)))
