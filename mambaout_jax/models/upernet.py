@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mambaout_jax.models.registry import create_model, register_model
@@ -50,7 +49,8 @@ def bilinear_taps(n_out: int, out_size, in_size):
 
   Output positions 0..n_out-1 read from input positions below `in_size`; `out_size`/`in_size` may be
   traced scalars (positions at or past `out_size` get meaningless taps; callers mask them).
-  Returns (i0, i1, lam), i0/i1 int32 (n_out,), lam float32 (n_out,): out = (1-lam) x[i0] + lam x[i1].
+  Returns (i0, i1, lam): int32, int32, float32 arrays of length n_out;
+  out = (1 - lam) * x[i0] + lam * x[i1].
   """
   in_size_f = jnp.asarray(in_size, jnp.float32)
   scale = in_size_f / jnp.asarray(out_size, jnp.float32)
@@ -85,8 +85,10 @@ def resize_bilinear(x, size: Sequence[int], *, in_size=None, out_size=None):
     return _resize_axis(x, h_axis + 1, size[1], size[1], x.shape[h_axis + 1])
   if x.ndim == 4:
     batch = x.shape[0]
-    in_size = jnp.broadcast_to(jnp.asarray(x.shape[1:3] if in_size is None else in_size), (batch, 2))
-    out_size = jnp.broadcast_to(jnp.asarray(size if out_size is None else out_size), (batch, 2))
+    in_size = x.shape[1:3] if in_size is None else in_size
+    out_size = size if out_size is None else out_size
+    in_size = jnp.broadcast_to(jnp.asarray(in_size), (batch, 2))
+    out_size = jnp.broadcast_to(jnp.asarray(out_size), (batch, 2))
     return jax.vmap(lambda a, i, o: resize_bilinear(a, size, in_size=i, out_size=o))(
         x, in_size, out_size)
   in_size = x.shape[:2] if in_size is None else in_size
@@ -98,23 +100,20 @@ def resize_bilinear(x, size: Sequence[int], *, in_size=None, out_size=None):
   return jnp.where(valid[..., None], x, 0).astype(x.dtype)
 
 
-def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) averaging weights of `nn.AdaptiveAvgPool` along one axis: bin i averages
-  input positions floor(i * in / out) .. ceil((i + 1) * in / out) - 1 (bins may overlap)."""
-  m = np.zeros((out_size, in_size), np.float32)
-  for i in range(out_size):
-    start = (i * in_size) // out_size
-    end = -((-(i + 1) * in_size) // out_size)
-    m[i, start:end] = 1.0 / (end - start)
-  return m
+def adaptive_pool_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
+  """`nn.AdaptiveAvgPool` bins along one axis: bin i averages input positions
+  floor(i * in / out) .. ceil((i + 1) * in / out) - 1 (bins overlap when in is not a multiple)."""
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size))
+          for i in range(out_size)]
 
 
 def adaptive_avg_pool(x, output_size: int):
   """`nn.AdaptiveAvgPool2d(output_size)` for NHWC `x` (B, H, W, C) -> (B, s, s, C)."""
-  ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], output_size), jnp.float32)
-  pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], output_size), jnp.float32)
-  y = jnp.einsum('oh,bhwc->bowc', ph, x.astype(jnp.float32), precision='highest')
-  y = jnp.einsum('pw,bowc->bopc', pw, y, precision='highest')
+  x32 = x.astype(jnp.float32)
+  rows = jnp.stack([x32[:, a:b].mean(axis=1)
+                   for a, b in adaptive_pool_bins(x.shape[1], output_size)], axis=1)
+  y = jnp.stack([rows[:, :, a:b].mean(axis=2)
+                 for a, b in adaptive_pool_bins(x.shape[2], output_size)], axis=2)
   return y.astype(x.dtype)
 
 
