@@ -11,7 +11,7 @@ from torch import nn
 import jax
 import jax.numpy as jnp
 import mambaout_jax as mo
-from mambaout_jax import checkpoint
+from mambaout_jax import params as params_lib
 from mambaout_jax.convert import to_torch_layout, torch_key
 from mambaout_jax.models import upernet
 
@@ -126,7 +126,7 @@ def randomize(model, seed=0):
 
 
 def build(name, **kwargs):
-  model = checkpoint.build_uninitialised(name, num_classes=NUM_CLASSES, **kwargs)
+  model = params_lib.build_uninitialised(name, num_classes=NUM_CLASSES, **kwargs)
   return randomize(model)
 
 
