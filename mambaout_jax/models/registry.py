@@ -20,6 +20,7 @@ def _import_families():
     from mambaout_jax.models import mamba, vit  # noqa: F401
   except ImportError:  # families not present in this checkout
     pass
+  from mambaout_jax.models import upernet  # noqa: F401  (after the backbones it builds on)
 
 
 def list_models() -> list[str]:
