@@ -172,6 +172,8 @@ def segmentation_recipe(model_name: str, drop_path_rate: float) -> ml_collection
   c.aug.photometric = True          # mmseg PhotoMetricDistortion
   c.aug.hflip = 0.5
   c.aug.eval_scale = (2048, 512)    # eval resize, keep ratio
+  c.input.eval_canvas = ()          # eval image canvas (h, w); () = square of max(eval_scale)
+  c.input.eval_label_canvas = ()    # eval label canvas (original label sizes); () = eval_canvas
 
   c.seg = ml_collections.ConfigDict()
   c.seg.aux_loss_weight = 0.4       # FCN auxiliary head on stage 3

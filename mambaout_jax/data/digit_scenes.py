@@ -85,12 +85,6 @@ def make_scene(split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
   return np.round(image).astype(np.uint8), label
 
 
-def dataset_info():
-  from mambaout_jax.data.sources import DatasetInfo
-  return DatasetInfo(num_classes=NUM_CLASSES, num_train_examples=SPLIT_SIZES['train'],
-                     num_eval_examples=SPLIT_SIZES['validation'])
-
-
 def _png(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format='PNG', compress_level=1)

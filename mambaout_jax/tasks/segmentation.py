@@ -79,14 +79,11 @@ class SegmentationTask(Task):
 
   # ---------------------------------------------------------------------- dataset and model
   def dataset_info(self, config):
-    if config.dataset.name == digit_scenes.NAME:
-      info = digit_scenes.dataset_info()
-      self.class_names = digit_scenes.CLASS_NAMES
-    else:
-      from mambaout_jax.data import seg_pipeline
-      info = seg_pipeline.get_dataset_info(config)
-      self.class_names = tuple(getattr(info, 'class_names', ()) or ())
-    self.num_classes = config.dataset.num_classes or info.num_classes
+    from mambaout_jax.data import seg_pipeline
+    info = seg_pipeline.get_dataset_info(config)
+    self.num_classes = info.num_classes
+    self.class_names = (digit_scenes.CLASS_NAMES if config.dataset.name == digit_scenes.NAME
+                        else seg_pipeline.class_names(config))
     return info
 
   def model_kwargs(self, config, num_classes):
