@@ -156,7 +156,6 @@ def segmentation_recipe(model_name: str, drop_path_rate: float) -> ml_collection
   c.batch_size = 16
   c.eval_batch_size = 8
   c.total_steps = 160_000
-  c.num_epochs = 0                  # unused: total_steps sets the length
   c.schedule = 'poly'               # mmcv PolyLrUpdaterHook, see optim.poly_schedule
   c.warmup_steps = 1500
   c.warmup_ratio = 1e-6
@@ -165,15 +164,19 @@ def segmentation_recipe(model_name: str, drop_path_rate: float) -> ml_collection
   c.lr_base_batch = 0               # lr as is (no batch scaling)
   c.min_lr = 0.0
   c.weight_decay = 0.01
+  # mmseg's ADE20K pipeline (read by data/seg_transforms.py): image_size is the square crop.
+  c.dataset.reduce_zero_label = True   # ADE20K: 0 ('other') -> 255 (ignored), k -> k - 1
+  c.aug.scale = (2048, 512)         # train rescale target (long, short), keep ratio
+  c.aug.ratio_range = (0.5, 2.0)    # random rescale of `scale`
+  c.aug.cat_max_ratio = 0.75        # crop retried (10x) until no class covers more than this
+  c.aug.photometric = True          # mmseg PhotoMetricDistortion
   c.aug.hflip = 0.5
+  c.aug.eval_scale = (2048, 512)    # eval resize, keep ratio
+  c.input.eval_canvas = ()          # eval image canvas (h, w); () = square of max(eval_scale)
+  c.input.eval_label_canvas = ()    # eval label canvas (original label sizes); () = eval_canvas
 
   c.seg = ml_collections.ConfigDict()
   c.seg.aux_loss_weight = 0.4       # FCN auxiliary head on stage 3
-  c.seg.scale = (2048, 512)         # train rescale / eval resize target (long, short), keep ratio
-  c.seg.ratio_range = (0.5, 2.0)    # random rescale of `scale`
-  c.seg.cat_max_ratio = 0.75        # crop retried (10x) until no class covers more than this
-  c.seg.photometric = True          # mmseg PhotoMetricDistortion
-  c.seg.reduce_zero_label = True    # ADE20K: 0 ('other') -> 255, k -> k - 1
   c.seg.inference = 'whole'         # 'whole' | 'slide'
   c.seg.slide_crop = 512
   c.seg.slide_stride = 341

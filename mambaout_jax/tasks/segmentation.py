@@ -61,3 +61,77 @@ def segmentation_loss(outputs, labels, *, aux_weight: float):
     parts['loss_aux'] = loss_aux
     total = total + aux_weight * loss_aux
   return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+
+
+class SegmentationTask(Task):
+  """UperNet semantic segmentation: mmseg's loss, inference and IoU metric (see module doc)."""
+  name = 'segmentation'
+  best_metric = 'eval/mIoU'
+
+  def __init__(self, config=None):
+    self.config = config
+    self.num_classes = None
+    self.class_names = ()
+
+  # ---------------------------------------------------------------------- dataset and model
+  def dataset_info(self, config):
+    from mambaout_jax.data import seg_pipeline
+    info = seg_pipeline.get_dataset_info(config)
+    self.num_classes = info.num_classes
+    self.class_names = (digit_scenes.CLASS_NAMES if config.dataset.name == digit_scenes.NAME
+                        else seg_pipeline.class_names(config))
+    return info
+
+  def model_kwargs(self, config, num_classes):
+    return {'num_classes': num_classes}
+
+  # ---------------------------------------------------------------------------------- data
+  def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
+    from mambaout_jax.data import seg_pipeline
+    return seg_pipeline.create_train_iterator(config, process_index=process_index,
+                                              process_count=process_count, start_step=start_step)
+
+  def create_eval_iterator(self, config, *, process_index, process_count):
+    from mambaout_jax.data import seg_pipeline
+    return seg_pipeline.create_eval_iterator(config, process_index=process_index,
+                                             process_count=process_count)
+
+  # ---------------------------------------------------------------------------------- loss
+  def train_loss(self, model, batch, key, *, config, num_classes):
+    del key, num_classes  # no task-level randomness (augmentation happens in the input pipeline)
+    outputs = model(batch['image'])
+    loss, parts = segmentation_loss(outputs, batch['label'],
+                                    aux_weight=config.seg.aux_loss_weight)
+    return loss, parts
+
+  # ---------------------------------------------------------------------------------- eval
+  def eval_sums(self, model, batch):
+    from mambaout_jax.tasks import seg_inference
+    pred = seg_inference.predict(model, batch, self.config)
+    return seg_metrics.pixel_sums(pred, batch['label'], batch['mask'], self.num_classes)
+
+  def eval_metrics(self, sums):
+    return seg_metrics.metrics_from_sums(sums)
+
+  def write_eval_report(self, sums, *, workdir, step):
+    from absl import logging
+    logging.info('per-class IoU / Acc (%%) at step %d:\n%s', step,
+                 seg_metrics.per_class_table(sums, self.class_names))
+    if jax.process_index() == 0:
+      seg_metrics.write_report(sums, self.class_names, workdir=workdir, step=step)
+
+  # ---------------------------------------------------------------------------------- init
+  def init_params_from(self, config, params):
+    """config.init_from -> params['backbone'] (ImageNet classification weights; head keys of the
+    source dropped, every backbone key required); the UperNet head keeps its fresh init."""
+    if not config.get('init_from'):
+      return params
+    from mambaout_jax import pretrained
+    backbone_variant = config.model.name.removeprefix('upernet_')
+    backbone = pretrained.init_params(config.init_from, params['backbone'],
+                                      variant=backbone_variant, backbone_only=True)
+    return {**params, 'backbone': backbone}
