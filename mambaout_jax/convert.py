@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mambaout_jax.checkpoint import assign_params, check_params_match, flat_params, path_str
+from mambaout_jax.params import assign_params, check_params_match, flat_params, path_str
 
 # Our parameter leaf names -> PyTorch's.
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'gamma': 'gamma'}
@@ -182,7 +182,7 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model_or_params, *, varian
 def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
             reset_head: bool = False, seed: int = 0) -> str:
   from flax import nnx
-  from mambaout_jax.checkpoint import build_uninitialised, save_params
+  from mambaout_jax.params import build_uninitialised, save_params
   from mambaout_jax.models.registry import create_model
   overrides = {} if num_classes is None else {'num_classes': num_classes}
   if reset_head:  # the fresh classifier needs a real random init

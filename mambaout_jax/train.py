@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from mambaout_jax import checkpoint as ckpt_lib
 from mambaout_jax import data as data_lib
 from mambaout_jax import optim
+from mambaout_jax import params as params_lib
 from mambaout_jax import sharding as shd
 from mambaout_jax.jsonl_writer import JsonlWriter
 from mambaout_jax.models.registry import create_model
@@ -283,7 +284,7 @@ def train_and_evaluate(config, workdir: str, *, mode: str = 'train') -> dict[str
   def export_params():
     path = os.path.join(workdir, 'export')
     params_host = to_host(state['params'])
-    ckpt_lib.save_params(path, traverse_util.flatten_dict(params_host), variant=config.model.name,
+    params_lib.save_params(path, traverse_util.flatten_dict(params_host), variant=config.model.name,
                          model_kwargs=variant_kwargs, extra_meta={'step': step})
     logging.info('exported params of step %d to %s (load with mo.load_pretrained(%r, %r))',
                  step, path, config.model.name, path)

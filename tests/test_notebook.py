@@ -101,7 +101,7 @@ def test_notebook_loads_a_params_checkpoint_of_ours(tmp_path, monkeypatch):
   a second headless run of the whole notebook would double this file's time."""
   from flax import nnx
   import mambaout_jax as mo
-  from mambaout_jax.checkpoint import flat_params, save_params
+  from mambaout_jax.params import flat_params, save_params
 
   model = mo.create_model('mambaout_test', rngs=nnx.Rngs(7), num_classes=10)
   save_params(str(tmp_path / 'export'), model, variant='mambaout_test',
