@@ -25,6 +25,10 @@ import numpy as np
 
 from mambaout_jax.params import assign_params, check_params_match, flat_params, path_str
 
+class CheckpointFitError(ValueError):
+  """A checkpoint does not fit the model (a key missing, unexpected or of another shape)."""
+
+
 # Our parameter leaf names -> PyTorch's.
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'gamma': 'gamma'}
 
@@ -139,7 +143,7 @@ def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, nam
   ignored = classifier if head == 'reset' else set()
   for k in sorted(source, key=natural_key):
     if k not in by_name and k not in ignored:
-      raise ValueError(f'{source_name} does not fit {variant}: unexpected key {k!r} (shape '
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: unexpected key {k!r} (shape '
                        f'{tuple(np.shape(source[k]))}); is it a checkpoint of another variant?')
   params = {}
   for k, path in sorted(by_name.items(), key=lambda kv: natural_key(kv[0])):
@@ -149,16 +153,16 @@ def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, nam
       params[path] = np.asarray(expected[path])
       continue
     if k not in source:
-      raise ValueError(f'{source_name} does not fit {variant}: missing key {k!r} (expected '
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: missing key {k!r} (expected '
                        f'shape {shape_in_source(want)})')
     v = to_model(np.asarray(source[k]))
     if v.shape != want:
       other_classes = k in classifier and v.shape[:-1] == want[:-1]
       hint = f' ({classes_hint})' if other_classes and classes_hint else ''
-      raise ValueError(f'{source_name} does not fit {variant}: key {k!r} has shape '
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: key {k!r} has shape '
                        f'{tuple(np.shape(source[k]))} but {variant} expects '
                        f'{shape_in_source(want)}{hint}')
-    params[path] = v.astype(np.asarray(expected[path]).dtype)
+    params[path] = v.astype(getattr(expected[path], 'dtype', np.float32))
   return params
 
 

@@ -3,13 +3,13 @@
     python -m mambaout_jax.pretrained            # the timm Hub tags: resolution, crop, timm's top-1
 
 A *source* is one of
-  * a params checkpoint directory (`python -m mambaout_jax.convert` output, or a run's `WORKDIR/export`),
-    local or gs://;
-  * an official `.pth` or a timm `.safetensors` / `.pth` / `.bin` file, local or gs://, converted on the
-    fly (`.pth` files are read with `torch.load(weights_only=True)`: no arbitrary objects unpickled);
+  * a params checkpoint directory (`python -m mambaout_jax.convert` output, or a run's
+    `WORKDIR/export`), local or gs://;
+  * an official `.pth` or a timm `.safetensors` / `.pth` / `.bin` file, local or gs://, converted
+    on the fly (`.pth` is read with `torch.load(weights_only=True)`: nothing else is unpickled);
   * `hf-hub:timm/<tag>`, e.g. `hf-hub:timm/mambaout_tiny.in1k`: the file is taken from the
     huggingface_hub cache when it is there (nothing is contacted then), else downloaded into it.
-    `HF_HUB_OFFLINE=1` never contacts the Hub; `HF_HUB_CACHE` / `HF_HOME` move the cache.
+    `HF_HUB_OFFLINE=1` never contacts the Hub; `HF_HUB_CACHE` moves the cache.
 
 `init_params` puts a source's weights into a model's freshly initialised params (the trainer's
 `config.init_from`); `load` builds a ready model from a source (predict, the web demo, Colab);
@@ -106,7 +106,8 @@ def check_variant(source: str, variant: str):
   if repo is not None and repo.startswith('timm/'):
     name = tag_variant(repo.split('/', 1)[1])
     if name != variant:
-      raise ValueError(f'{source} holds {name} weights, but the model is {variant}; use '
+      from mambaout_jax.convert import CheckpointFitError
+      raise CheckpointFitError(f'{source} holds {name} weights, but the model is {variant}; use '
                        f'{name} (--config.model.name={name} / --variant={name}) or a {variant} tag')
 
 
@@ -181,7 +182,7 @@ def _local_copy(path: str) -> str:
 
 def _refuse_workdir(directory: str):
   """A training workdir given where its params export is meant: say which directory to pass."""
-  from mambaout_jax.checkpoint import META_FILE
+  from mambaout_jax.params import META_FILE
   export = os.path.join(directory, 'export')
   if not _exists(os.path.join(directory, META_FILE))[0] and _exists(os.path.join(export,
                                                                                  META_FILE))[0]:
@@ -191,7 +192,7 @@ def _refuse_workdir(directory: str):
 def read_source(source: str) -> tuple[str, dict, dict]:
   """('params', {path tuple: array}, meta) for a params checkpoint directory, or
   ('state_dict', {torch key: array}, {}) for a PyTorch file or a Hub name."""
-  from mambaout_jax import checkpoint, convert
+  from mambaout_jax import convert, params as params_lib
   if not source:
     raise ValueError('no pretrained source given (empty string)')
   if hub_repo(source) is not None:
@@ -202,7 +203,7 @@ def read_source(source: str) -> tuple[str, dict, dict]:
                             'directory, a .pth/.safetensors file or hf-hub:timm/<tag>')
   if is_dir:
     _refuse_workdir(source)
-    params, meta = checkpoint.read_params(source)
+    params, meta = params_lib.read_params(source)
     return 'params', params, meta
   local = _local_copy(source)
   try:
@@ -245,7 +246,7 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
   Any other missing, unexpected or mis-shaped key is refused with a one-line ValueError.
   """
   from mambaout_jax import convert
-  from mambaout_jax.checkpoint import path_str
+  from mambaout_jax.params import path_str
   if init_head not in ('', 'reset'):
     raise ValueError(f"unknown init_head {init_head!r}; use '' (load the classifier) or 'reset' "
                      "(re-initialise it when the number of classes differs)")
@@ -256,8 +257,9 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
   kind, weights, meta = read_source(source)
   if kind == 'params':
     if meta.get('variant') not in (None, variant) and not backbone_only:
-      raise ValueError(f'{source} holds a {meta["variant"]} checkpoint, but the model is '
-                       f'{variant}; set --config.model.name={meta["variant"]}')
+      raise convert.CheckpointFitError(
+          f'{source} holds a {meta["variant"]} checkpoint, but the model is {variant}; set '
+          f'--config.model.name={meta["variant"]}')
     by_str = {path_str(p): v for p, v in weights.items()}
     flat = convert.map_params(by_str, expected, name_of=path_str, variant=variant,
                               source_name=source, head=head, classes_hint=hint)
@@ -283,12 +285,12 @@ def load(variant: str, source: str, *, seed: int = 0, **overrides):
   The number of classes comes from the source (a Hub tag's, a checkpoint's meta, or the shape of
   a state dict's classifier) unless `num_classes` is given.
   """
-  from mambaout_jax import checkpoint, convert
-  from mambaout_jax.checkpoint import assign_params, build_uninitialised, check_params_match
+  from mambaout_jax import convert, params as params_lib
+  from mambaout_jax.params import assign_params, build_uninitialised, check_params_match
   check_variant(source, variant)
   if source and hub_repo(source) is None and _exists(source)[1]:
     _refuse_workdir(source)
-    return checkpoint.load_pretrained(variant, source, seed=seed, **overrides)
+    return params_lib.load_pretrained(variant, source, seed=seed, **overrides)
   _, weights, _ = read_source(source)
   weights = convert.official_to_timm(weights)
   if 'num_classes' not in overrides:
