@@ -10,14 +10,13 @@ one-line error and the remaining images are still classified (exit status 1 if a
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from mambaout_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (public here)
+from mambaout_jax.data.transforms import normalize, resize_and_center_crop, to_rgb
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,40 +28,20 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
 
 
 def load_image(path: str):
-  """Opens an image as RGB (grayscale, palette, CMYK and alpha images are converted)."""
+  """Opens an image as 8-bit RGB (grey, 16-bit, palette, CMYK and alpha images are converted)."""
   from PIL import Image, UnidentifiedImageError
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such file')
   try:
     with Image.open(path) as im:
-      im.load()
-      return im.convert('RGB')
-  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+      return to_rgb(im).copy()
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ValueError(f'{path}: not a readable image ({e.__class__.__name__}: {e})') from None
-
-
-def resize_and_center_crop(image, image_size: int = 224, crop_pct: float = 1.0, resample=None):
-  """torchvision's eval geometry: shorter side to int(image_size / crop_pct), centre crop.
-
-  Also used by the data pipeline's eval transform, so `predict` and training evaluation agree.
-  """
-  from PIL import Image
-  scale_size = math.floor(image_size / crop_pct)
-  w, h = image.size
-  if w <= h:  # torchvision Resize(int): the longer side is truncated
-    new_w, new_h = scale_size, int(scale_size * h / w)
-  else:
-    new_w, new_h = int(scale_size * w / h), scale_size
-  image = image.resize((new_w, new_h), Image.BICUBIC if resample is None else resample)
-  top = int(round((new_h - image_size) / 2.0))
-  left = int(round((new_w - image_size) / 2.0))
-  return image.crop((left, top, left + image_size, top + image_size))
 
 
 def preprocess(image, image_size: int = 224, crop_pct: float = 1.0) -> np.ndarray:
   """PIL RGB image -> float32 (image_size, image_size, 3), exactly torchvision's eval transform."""
-  x = np.asarray(resize_and_center_crop(image, image_size, crop_pct), np.float32) / 255.0
-  return (x - IMAGENET_MEAN) / IMAGENET_STD
+  return normalize(resize_and_center_crop(image, image_size, crop_pct))
 
 
 def topk(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:

@@ -89,22 +89,36 @@ def test_digits_labels_match_images(digits_dir):
   assert accuracy > 0.9, accuracy
 
 
-def test_train_iterator_restores_mid_epoch_with_identical_batches(folder):
+def assert_same_batches(want, got):
+  assert len(want) == len(got)
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_start_step_gives_exactly_the_later_batches_of_an_uninterrupted_stream(folder):
   config = make_config(folder, batch_size=8)
-  iterator = data.create_train_iterator(config, process_index=0, process_count=1)
-  take(iterator, 3)
-  state = json.loads(json.dumps(iterator.get_state()))  # What the trainer checkpoints.
-  expected = take(iterator, 3)  # Crosses the epoch boundary (36 examples, 8 per batch).
-  restored = data.create_train_iterator(config, process_index=0, process_count=1)
-  restored.set_state(state)
-  for want, got in zip(expected, take(restored, 3)):
-    np.testing.assert_array_equal(want['label'], got['label'])
-    np.testing.assert_array_equal(want['image'], got['image'])
-  # A fresh iterator with another seed gives other batches.
-  other = next(data.create_train_iterator(make_config(folder, batch_size=8, seed=1),
-                                          process_index=0, process_count=1))
-  first = next(data.create_train_iterator(config, process_index=0, process_count=1))
-  assert not np.array_equal(first['label'], other['label'])
+  uninterrupted = take(data.create_train_iterator(config), 7)  # 36 examples: crosses 1 epoch.
+  for k in (1, 4, 5):
+    resumed = data.create_train_iterator(config, start_step=k)
+    assert_same_batches(uninterrupted[k:], take(resumed, 7 - k))
+  # Another seed gives other batches.
+  other = next(data.create_train_iterator(make_config(folder, batch_size=8, seed=1)))
+  assert not np.array_equal(uninterrupted[0]['label'], other['label'])
+
+
+@pytest.mark.parametrize('start_step', [0, 3])
+def test_host_batches_concatenate_to_the_one_process_global_batch(folder, start_step):
+  """The batch of a step does not depend on the process count: a 2->1 or 1->2 resume is exact."""
+  config = make_config(folder, batch_size=12)
+  one = take(data.create_train_iterator(config, start_step=start_step), 4)
+  for process_count in (2, 3):
+    hosts = [take(data.create_train_iterator(config, process_index=p, process_count=process_count,
+                                             start_step=start_step), 4)
+             for p in range(process_count)]
+    concatenated = [{key: np.concatenate([host[t][key] for host in hosts])
+                     for key in ('image', 'label')} for t in range(4)]
+    assert_same_batches(one, concatenated)
 
 
 def test_train_host_shards_are_disjoint_and_cover_each_epoch(folder):
@@ -167,24 +181,60 @@ def test_eval_images_match_eval_transform(folder):
                                   T.EvalTransform(size=16)(source[index]['image']))
 
 
-def test_worker_processes_give_the_same_stream_and_resume(folder):
+def test_worker_processes_give_the_same_stream(folder):
   config = make_config(folder, batch_size=8)
-  in_process = take(data.create_train_iterator(config, process_index=0, process_count=1), 3)
+  in_process = take(data.create_train_iterator(config), 3)
   config.input.num_workers = 2
-  iterator = data.create_train_iterator(config, process_index=0, process_count=1)
-  restored = data.create_train_iterator(config, process_index=0, process_count=1)
+  iterator = data.create_train_iterator(config)
+  resumed = data.create_train_iterator(config, start_step=2)
   try:
-    with_workers = take(iterator, 2)
-    restored.set_state(json.loads(json.dumps(iterator.get_state())))
-    with_workers += take(iterator, 1)
-    resumed = next(restored)
+    assert_same_batches(in_process, take(iterator, 3))
+    assert_same_batches(in_process[2:], take(resumed, 1))
   finally:
     iterator.close()
-    restored.close()
-  for want, got in zip(in_process, with_workers):
-    np.testing.assert_array_equal(want['label'], got['label'])
-    np.testing.assert_array_equal(want['image'], got['image'])
-  np.testing.assert_array_equal(resumed['image'], in_process[2]['image'])
+    resumed.close()
+
+
+def test_undecodable_training_image_is_replaced_in_place_not_skipped(tmp_path):
+  """Example 5 corrupt: its rows hold example 6 (the next index) augmented with example 5's own
+  generator; every other row of every batch is what a clean dataset gives, so nothing shifts."""
+  clean = one_image_per_class_folder(str(tmp_path / 'clean'), 12, 2)
+  broken = one_image_per_class_folder(str(tmp_path / 'broken'), 12, 2)
+  (tmp_path / 'broken/train/c005/img.jpg').write_bytes(b'not an image')
+  config = make_config(clean, batch_size=4)
+  want = take(data.create_train_iterator(config), 9)  # 3 epochs
+  config.dataset.name = broken
+  for num_workers in (0, 2):
+    config.input.num_workers = num_workers
+    iterator = data.create_train_iterator(config)
+    try:
+      got = take(iterator, 9)
+    finally:
+      iterator.close()
+    transform = T.TrainTransform.from_config(config)
+    source = sources.open_source(broken, 'train')
+    replaced = 0
+    for t, (w, g) in enumerate(zip(want, got)):
+      for row in range(4):
+        if w['label'][row] != 5:
+          assert g['label'][row] == w['label'][row]
+          np.testing.assert_array_equal(g['image'][row], w['image'][row])
+          continue
+        replaced += 1
+        epoch = (4 * t + row) // 12
+        assert g['label'][row] == 6
+        np.testing.assert_array_equal(g['image'][row], transform(
+            source[6]['image'], np.random.default_rng((config.seed, epoch, 5))))
+    assert replaced == 3  # Once per epoch.
+
+
+def test_training_split_of_non_images_gets_a_clear_error(tmp_path):
+  for i in range(4):
+    path = tmp_path / 'train' / f'c{i}' / 'a.jpg'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'')
+  with pytest.raises(ValueError, match='consecutive training examples .* cannot be decoded'):
+    next(data.create_train_iterator(make_config(f'folder:{tmp_path}', batch_size=2)))
 
 
 def _jpeg_bytes(img, **kwargs):
@@ -216,15 +266,44 @@ def test_grey_cmyk_alpha_and_corrupt_images_never_crash(tmp_path):
         rgb.convert('P').save(path)
       else:
         path.write_bytes(payload)
-  config = make_config(f'folder:{tmp_path}', batch_size=4, eval_batch_size=4)
+  config = make_config(f'folder:{tmp_path}', batch_size=7, eval_batch_size=6)
   train = data.create_train_iterator(config, process_index=0, process_count=1)
-  labels = np.concatenate([b['label'] for b in take(train, 10)])  # ~8 epochs of 5 good images.
-  assert set(labels) == {0, 1, 2, 3, 4}  # The undecodable ones are skipped, the rest converted.
-  batches = list(data.create_eval_iterator(config, process_index=0, process_count=1))
-  mask = np.concatenate([b['mask'] for b in batches])
-  label = np.concatenate([b['label'] for b in batches])
-  assert sorted(label[mask]) == [0, 1, 2, 3, 4]
-  assert all(np.isfinite(b['image']).all() for b in batches)
+  labels = np.concatenate([b['label'] for b in take(train, 4)])  # 4 epochs of the 7 files.
+  # c5, c6 do not decode: both are replaced by the next decodable index (cyclically), c0.
+  assert sorted(labels) == sorted([0] * 12 + [1, 2, 3, 4] * 4)
+  for process_count in (1, 2, 3):
+    rows = [{k: np.concatenate([b[k] for b in batches]) for k in ('label', 'mask', 'undecodable')}
+            for batches in (list(data.create_eval_iterator(config, process_index=p,
+                                                           process_count=process_count))
+                            for p in range(process_count))]
+    mask, undecodable, label = (np.concatenate([r[k] for r in rows])
+                                for k in ('mask', 'undecodable', 'label'))
+    assert sorted(label[mask]) == [0, 1, 2, 3, 4]
+    assert undecodable.dtype == bool and undecodable.sum() == 2 and not (mask & undecodable).any()
+    assert mask.sum() + undecodable.sum() == 7  # eval/num_examples + eval/num_undecodable.
+
+
+def test_undecodable_validation_images_are_counted_and_logged_not_crashing(tmp_path, caplog):
+  """The reported crash: a JPEG cut short in the validation split raised 'image file is truncated'
+  at the first eval. Now such rows are flagged `undecodable` (mask False) and their file logged."""
+  root = one_image_per_class_folder(str(tmp_path), 9, 9)[len('folder:'):]
+  bad = {2: 'truncated', 5: 'empty', 7: 'text'}
+  for index, kind in bad.items():
+    path = f'{root}/validation/c{index:03d}/img.jpg'
+    payload = open(path, 'rb').read()
+    payload = {'truncated': payload[:int(len(payload) * 0.8)], 'empty': b'',
+               'text': b'<html>not found</html>'}[kind]
+    open(path, 'wb').write(payload)
+  config = make_config(f'folder:{root}', eval_batch_size=4)
+  with caplog.at_level('WARNING'):
+    batches = list(data.create_eval_iterator(config))
+  rows = {k: np.concatenate([b[k] for b in batches]) for k in ('label', 'mask', 'undecodable')}
+  assert sorted(rows['label'][rows['mask']]) == [0, 1, 3, 4, 6, 8]
+  assert sorted(np.flatnonzero(rows['undecodable'])) == [2, 5, 7]  # 1 host: row i is example i.
+  assert rows['mask'].sum() + rows['undecodable'].sum() == 9
+  assert len(rows['mask']) == 12 and not rows['undecodable'][9:].any()  # Padding is not counted.
+  for index in bad:
+    assert any(f'c{index:03d}/img.jpg' in r.getMessage() for r in caplog.records)
 
 
 def test_missing_dataset_names_the_preparation_command(tmp_path):

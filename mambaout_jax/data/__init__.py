@@ -2,11 +2,12 @@
 
     info = get_dataset_info(config)
     train_iter = create_train_iterator(config, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(), start_step=step)
     batch = next(train_iter)            # {'image': float32 (b, S, S, 3), 'label': int32 (b,)}
-    state = train_iter.get_state()      # JSON-serialisable; train_iter.set_state(state) resumes
+                                        # this host's rows of global batch `step`, on any hosts
     for batch in create_eval_iterator(config, process_index=..., process_count=...):
-      ...                               # + 'mask': every example exactly once over all hosts
+      ...                               # + 'mask': every example exactly once over all hosts,
+                                        # + 'undecodable': rows whose image did not decode
     images, targets = mixup_cutmix(rng, images, labels, num_classes=..., ...)  # on device
 """
 from mambaout_jax.data.mixup import mixup_cutmix

@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from mambaout_jax.data.transforms import random_interpolation
+
 LEVEL_DENOM = 10.0
-RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
 
 INCREASING_OPS = (
     'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
@@ -166,7 +167,7 @@ class RandAugment:
       negate = rng.random() > 0.5
       resample = self.interpolation
       if resample is None:
-        resample = RANDOM_INTERPOLATION[rng.integers(0, len(RANDOM_INTERPOLATION))]
+        resample = random_interpolation(rng)
       img = apply_op(img, self.ops[index], magnitude, negate=negate, fill=self.fill,
                      resample=resample, translate_pct=self.translate_pct)
     return img

@@ -45,6 +45,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
 
 def _import_project_builders():
   from mambaout_jax.data import digits  # noqa: F401  (registers `mambaout_digits` with TFDS)
+  from mambaout_jax.data import ade20k  # noqa: F401  (registers `ade20k`)
 
 
 def tfds_builder(name: str, data_dir: str | None):
@@ -133,6 +134,7 @@ class TfdsSource:
     self._source = builder.as_data_source(
         split, decoders={'image': tfds.decode.SkipDecoding()}, file_format='array_record')
     self.num_classes = builder.info.features['label'].num_classes
+    self._name = f'{name} {split}[%d]'
 
   def __len__(self) -> int:
     return len(self._source)
@@ -140,6 +142,9 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self._source[index]
     return {'image': record['image'], 'label': int(record['label'])}
+
+  def describe(self, index: int) -> str:
+    return self._name % index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +193,9 @@ class FolderSource:
     from etils import epath
     path, label = self._files[index]
     return {'image': epath.Path(path).read_bytes(), 'label': label}
+
+  def describe(self, index: int) -> str:
+    return self._files[index][0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,29 +2,31 @@
 
 Training: RandomResizedCrop (random bilinear/bicubic) -> horizontal flip -> RandAugment ->
 normalise -> random erasing. Eval: resize the shorter side to int(size / crop_pct) (bicubic) ->
-centre crop -> normalise. Images arrive as encoded bytes; large JPEGs are decoded at a reduced size
-(PIL `draft`, a DCT-domain downscale) when the crop still has at least `size` pixels each way.
-Randomness comes from the `np.random.Generator` passed in, so it can be derived from
-(seed, epoch, index) and repeats exactly.
+centre crop -> normalise; the same geometry and statistics serve `mambaout_jax.predict`. Images
+arrive as encoded bytes; large JPEGs are decoded at a reduced size (PIL `draft`, a DCT-domain
+downscale) when the crop still has at least `size` pixels each way. Any image PIL reads becomes
+8-bit RGB (grey, 16-bit, CMYK, palette, alpha); bytes that do not decode (corrupt, truncated, not an
+image, over PIL's decompression-bomb limit) raise `ImageDecodeError`. Randomness comes from the
+`np.random.Generator` passed in, so it can be derived from (seed, epoch, index) and repeats exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mambaout_jax.data.randaugment import RandAugment, parse_randaugment
-from mambaout_jax.predict import resize_and_center_crop
+if TYPE_CHECKING:
+  from mambaout_jax.data.randaugment import RandAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Image.NEAREST,
                   'lanczos': Image.LANCZOS, 'box': Image.BOX, 'hamming': Image.HAMMING}
-RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)
+RANDOM_INTERPOLATION = (Image.BILINEAR, Image.BICUBIC)  # timm's 'random' (crop and RandAugment)
 
 _PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -35,8 +37,12 @@ class ImageDecodeError(ValueError):
 
 def open_image(data: bytes) -> Image.Image:
   """Opens encoded image bytes lazily (header only); raises `ImageDecodeError` when corrupt."""
+  if not data:
+    raise ImageDecodeError('empty file (0 bytes)')
   try:
     return Image.open(io.BytesIO(data))
+  except UnidentifiedImageError as e:
+    raise ImageDecodeError(f'not an image format PIL reads (starts with {bytes(data[:8])!r})') from e
   except _PIL_DECODE_ERRORS as e:
     raise ImageDecodeError(str(e)) from e
 
@@ -48,11 +54,50 @@ def _decoded(fn, *args):
     raise ImageDecodeError(str(e)) from e
 
 
+def random_interpolation(rng: np.random.Generator):
+  return RANDOM_INTERPOLATION[rng.integers(0, len(RANDOM_INTERPOLATION))]
+
+
+_SIXTEEN_BIT_GREY = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-  """Decodes and converts grey, CMYK, palette and alpha images to RGB."""
+  """Decodes and converts grey, 16-bit, CMYK, palette and alpha images to 8-bit RGB.
+
+  PIL clips 16-bit grey to 0..255 when converting (nearly all white); it is scaled by 1/256 here,
+  as PIL itself reduces 16-bit RGB PNGs. Float images have no defined range: ImageDecodeError.
+  """
+  if img.mode in _SIXTEEN_BIT_GREY:
+    grey = np.clip(np.asarray(img, np.int64) >> 8, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, 'L').convert('RGB')
+  if img.mode == 'F':
+    raise ImageDecodeError('32-bit float images are not supported; convert them to 8/16-bit')
   if img.mode == 'P' and 'transparency' in img.info:
     img = img.convert('RGBA')
-  return img if img.mode == 'RGB' else img.convert('RGB')
+  if img.mode == 'RGB':
+    img.load()  # Decode now, so a truncated file fails here rather than in a later resize.
+    return img
+  return img.convert('RGB')
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+  """Encoded bytes -> fully decoded 8-bit RGB image; `ImageDecodeError` when they do not decode."""
+  return _decoded(to_rgb, open_image(data))
+
+
+def resize_and_center_crop(image: Image.Image, image_size: int = 224, crop_pct: float = 1.0,
+                           resample=Image.BICUBIC) -> Image.Image:
+  """torchvision's eval geometry: shorter side to int(image_size / crop_pct), centre crop."""
+  scale_size = math.floor(image_size / crop_pct)
+  w, h = image.size
+  if w <= h:  # torchvision Resize(int): the longer side is truncated
+    new_w, new_h = scale_size, int(scale_size * h / w)
+  else:
+    new_w, new_h = int(scale_size * w / h), scale_size
+  image = image.resize((new_w, new_h), resample)
+  top = int(round((new_h - image_size) / 2.0))
+  left = int(round((new_w - image_size) / 2.0))
+  return image.crop((left, top, left + image_size, top + image_size))
 
 
 def normalize(img: Image.Image | np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -178,6 +223,7 @@ class TrainTransform:
 
   @classmethod
   def from_config(cls, config) -> 'TrainTransform':
+    from mambaout_jax.data.randaugment import parse_randaugment  # It imports this module.
     aug = config.get('aug', {})
     interpolation = aug.get('interpolation', 'random')
     ra_spec = aug.get('randaugment', 'rand-m9-mstd0.5-inc1')
@@ -198,7 +244,7 @@ class TrainTransform:
     box = random_resized_crop_params(rng, *img.size, scale=self.scale, ratio=self.ratio)
     resample = _interpolation(self.interpolation)
     if resample is None:
-      resample = RANDOM_INTERPOLATION[rng.integers(0, len(RANDOM_INTERPOLATION))]
+      resample = random_interpolation(rng)
     img = _decoded(resized_crop, img, box, self.size, resample, self.jpeg_draft)
     if self.hflip > 0 and rng.random() < self.hflip:
       img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -225,6 +271,6 @@ class EvalTransform:
                mean=tuple(inp.get('mean', IMAGENET_MEAN)), std=tuple(inp.get('std', IMAGENET_STD)))
 
   def __call__(self, data: bytes) -> np.ndarray:
-    img = _decoded(to_rgb, open_image(data))
-    img = resize_and_center_crop(img, self.size, self.crop_pct, INTERPOLATIONS[self.interpolation])
+    img = resize_and_center_crop(decode_rgb(data), self.size, self.crop_pct,
+                                 INTERPOLATIONS[self.interpolation])
     return normalize(img, self.mean, self.std)
