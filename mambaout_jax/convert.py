@@ -11,9 +11,9 @@ Accepted key layouts:
   timm:                         stem.*, stages.i.downsample.*, stages.i.blocks.j.*, head.*
 `.safetensors` needs no torch; `.pth`/`.pt`/`.bin` imports torch lazily and is read with
 `weights_only=True` (tensors only: nothing else is unpickled). `--src` may be a gs:// path or a
-timm Hub name (`hf-hub:timm/<tag>`, see `python -m mambaout_jax.pretrained`). A checkpoint that does not fit
-the variant is refused with the first offending key and both shapes; `--reset_head` keeps a freshly
-initialised classifier when `--num_classes` differs from the checkpoint's.
+timm Hub name (`hf-hub:timm/<tag>`, see `python -m mambaout_jax.pretrained`). A checkpoint that
+does not fit the variant is refused with the first offending key and both shapes; `--reset_head`
+keeps a freshly initialised classifier when `--num_classes` differs from the checkpoint's.
 """
 from __future__ import annotations
 
