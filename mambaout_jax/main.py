@@ -113,8 +113,24 @@ def _config_keys(config, prefix='') -> list[str]:
   return keys
 
 
+def packaged_config(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py` that does not exist here -> the copy installed with the package
+  (`pip install .` ships configs/ as mambaout_jax/configs), so the commands work from anywhere."""
+  import os
+  out = []
+  for a in argv:
+    if a.startswith('--config=configs/'):
+      path, _, arg = a[len('--config='):].partition(':')
+      packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+      if not os.path.exists(path) and os.path.exists(packaged):
+        a = f'--config={packaged}' + (f':{arg}' if arg else '')
+    out.append(a)
+  return out
+
+
 def parse_flags(argv):
   """absl flag parsing, with a one-line error naming an unknown --config.KEY and the valid keys."""
+  argv = packaged_config(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
