@@ -322,3 +322,17 @@ def test_switch_prob_and_prob_choose_the_branch():
                               cutmix_alpha=1.0, switch_prob=0.5, prob=0.0, label_smoothing=0.1)
   np.testing.assert_array_equal(out, images)
   np.testing.assert_allclose(targets, _timm_targets(labels, 10, 1.0, 0.1), atol=1e-6)
+
+
+def test_eval_geometry_and_statistics_are_defined_once_in_the_data_layer():
+  """`predict` uses the data layer's definitions; the data layer does not import the CLI."""
+  import subprocess
+  import sys
+  from mambaout_jax import predict
+  assert predict.resize_and_center_crop is T.resize_and_center_crop
+  assert predict.IMAGENET_MEAN is T.IMAGENET_MEAN and predict.IMAGENET_STD is T.IMAGENET_STD
+  assert RA.random_interpolation is T.random_interpolation
+  assert not hasattr(RA, 'RANDOM_INTERPOLATION')
+  code = ('import sys, mambaout_jax.data, mambaout_jax.data.prepare; '
+          'assert "mambaout_jax.predict" not in sys.modules, "data imports predict"')
+  subprocess.run([sys.executable, '-c', code], check=True)
