@@ -61,7 +61,8 @@ def slide_logits(model, images, *, crop: int = 512, stride: int = 341, image_siz
   Windows are `min(crop, H) x min(crop, W)`; per image, window (i, j) starts at
   (i * stride, j * stride), is shifted back to end inside the image's valid size, and exists when
   i < max(h - crop + stride - 1, 0) // stride + 1 (same for j, w). The windows run one batch of B
-  crops at a time under `lax.scan` (one model trace).
+  crops at a time under `lax.scan` (one model trace); a window that no image of the batch has is
+  skipped (`lax.cond`), so a large canvas costs only the windows its images need.
   """
   batch, height, width, _ = images.shape
   ch, cw = min(crop, height), min(crop, width)
@@ -82,18 +83,24 @@ def slide_logits(model, images, *, crop: int = 512, stride: int = 341, image_siz
     y2 = jnp.minimum(i * stride + ch, h_img)
     x2 = jnp.minimum(j * stride + cw, w_img)
     y1, x1 = jnp.maximum(y2 - ch, 0), jnp.maximum(x2 - cw, 0)
-    valid = ((i < h_grids) & (j < w_grids)).astype(jnp.float32)[:, None, None, None]
-    crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(
-        im, (y, x, 0), (ch, cw, im.shape[-1])))(images, y1, x1)
-    logits = _logits_at_input_size(graphdef, state, crops) * valid
+    exists = (i < h_grids) & (j < w_grids)
+    valid = exists.astype(jnp.float32)[:, None, None, None]
 
-    def add(acc, upd, y, x):
-      cur = jax.lax.dynamic_slice(acc, (y, x, 0), upd.shape)
-      return jax.lax.dynamic_update_slice(acc, cur + upd, (y, x, 0))
+    def run(carry):
+      preds, count = carry
+      crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(
+          im, (y, x, 0), (ch, cw, im.shape[-1])))(images, y1, x1)
+      logits = _logits_at_input_size(graphdef, state, crops) * valid
 
-    preds = jax.vmap(add)(preds, logits, y1, x1)
-    count = jax.vmap(add)(count, jnp.broadcast_to(valid, (batch, ch, cw, 1)), y1, x1)
-    return (preds, count), None
+      def add(acc, upd, y, x):
+        cur = jax.lax.dynamic_slice(acc, (y, x, 0), upd.shape)
+        return jax.lax.dynamic_update_slice(acc, cur + upd, (y, x, 0))
+
+      return (jax.vmap(add)(preds, logits, y1, x1),
+              jax.vmap(add)(count, jnp.broadcast_to(valid, (batch, ch, cw, 1)), y1, x1))
+
+    # A canvas fits the largest image; windows no image of this batch has are skipped.
+    return jax.lax.cond(exists.any(), run, lambda c: c, (preds, count)), None
 
   ij = jnp.stack(jnp.meshgrid(jnp.arange(n_h), jnp.arange(n_w), indexing='ij'), -1).reshape(-1, 2)
   init = (jnp.zeros((batch, height, width, num_classes), jnp.float32),
