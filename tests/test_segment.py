@@ -142,6 +142,21 @@ def test_labels_are_the_argmax_and_minus_one_outside(batch):
   assert (labels[1, 30:] == -1).all() and (labels[1, :, 47:] == -1).all()
 
 
+def test_predict_reads_the_eval_batch_and_config(batch):
+  import ml_collections
+  canvas, _ = batch
+  config = ml_collections.ConfigDict({'seg': {
+      'inference': 'slide', 'slide_crop': 32, 'slide_stride': 21, 'eval_scales': (1.0, 1.25),
+      'eval_flip': True}})
+  eval_batch = {'image': canvas, 'image_hw': np.array(SIZES, np.int32),
+                'label': np.full((2, 80, 150), 255, np.int32), 'label_hw': np.array(OUT, np.int32)}
+  got = si.predict(Toy(), eval_batch, config)
+  want = si.predict_labels(Toy(), canvas, mode='slide', crop=32, stride=21,
+                           image_sizes=eval_batch['image_hw'], out_sizes=eval_batch['label_hw'],
+                           out_shape=(80, 150), scales=(1.0, 1.25), flip=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_mode_is_rejected():
   with pytest.raises(ValueError, match="choose 'whole' or 'slide'"):
     si.predict_probs(Toy(), jnp.zeros((1, 8, 8, 3)), mode='sliding')

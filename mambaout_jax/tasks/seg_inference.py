@@ -180,3 +180,18 @@ def predict_labels(model, images, **kwargs):
   """(B, H_out, W_out) int32 argmax of `predict_probs` (same arguments); -1 outside out_sizes."""
   probs = predict_probs(model, images, **kwargs)
   return jnp.where(probs.sum(-1) > 0, jnp.argmax(probs, axis=-1), -1).astype(jnp.int32)
+
+
+def predict(model, batch: dict, config):
+  """The eval step's prediction: `predict_labels` on an eval batch of the segmentation pipeline.
+
+  batch: 'image' (B, Hc, Wc, 3) canvas, 'image_hw' (B, 2) valid sizes, 'label' (B, Hl, Wl) (its
+  canvas shape is the output's), 'label_hw' (B, 2) original sizes. config.seg: `inference`
+  ('whole' | 'slide'), `slide_crop`, `slide_stride`, `eval_scales`, `eval_flip`.
+  Returns (B, Hl, Wl) int32 labels, -1 beyond each label_hw.
+  """
+  seg = config.seg
+  return predict_labels(model, batch['image'], mode=seg.inference, crop=seg.slide_crop,
+                        stride=seg.slide_stride, image_sizes=batch['image_hw'],
+                        out_sizes=batch['label_hw'], out_shape=batch['label'].shape[1:3],
+                        scales=tuple(seg.eval_scales), flip=bool(seg.eval_flip))
