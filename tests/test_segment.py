@@ -115,8 +115,10 @@ def test_padded_batch_matches_mmseg_on_each_image(batch, mode, ratios, flip):
 
 
 def test_slide_windows_and_count_normalisation(batch):
-  """Raw slide logits (no resize back) equal mmseg's, count-normalised, on the valid region."""
+  """Raw slide logits (no resize back) equal mmseg's, count-normalised, on the valid region; the
+  canvas is larger than both images, so its last windows exist for no image (skipped)."""
   canvas, imgs = batch
+  canvas = np.pad(canvas, ((0, 0), (0, 30), (0, 45), (0, 0)))
   model = Toy(1)
   got = np.asarray(jax.jit(lambda c, s: si.slide_logits(model, c, crop=32, stride=21,
                                                         image_sizes=s))(
@@ -140,6 +142,83 @@ def test_labels_are_the_argmax_and_minus_one_outside(batch):
   assert (labels[1, 30:] == -1).all() and (labels[1, :, 47:] == -1).all()
 
 
+def test_predict_reads_the_eval_batch_and_config(batch):
+  import ml_collections
+  canvas, _ = batch
+  config = ml_collections.ConfigDict({'seg': {
+      'inference': 'slide', 'slide_crop': 32, 'slide_stride': 21, 'eval_scales': (1.0, 1.25),
+      'eval_flip': True}})
+  eval_batch = {'image': canvas, 'image_hw': np.array(SIZES, np.int32),
+                'label': np.full((2, 80, 150), 255, np.int32), 'label_hw': np.array(OUT, np.int32)}
+  got = si.predict(Toy(), eval_batch, config)
+  want = si.predict_labels(Toy(), canvas, mode='slide', crop=32, stride=21,
+                           image_sizes=eval_batch['image_hw'], out_sizes=eval_batch['label_hw'],
+                           out_shape=(80, 150), scales=(1.0, 1.25), flip=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_mode_is_rejected():
   with pytest.raises(ValueError, match="choose 'whole' or 'slide'"):
     si.predict_probs(Toy(), jnp.zeros((1, 8, 8, 3)), mode='sliding')
+
+
+# ----------------------------------------------------------------------------------------------
+# The segment CLI, end to end on a tiny checkpoint.
+
+def _write_checkpoint(path, model, with_stats=True):
+  from mambaout_jax import params as params_lib
+  flat = params_lib.flat_params(model)
+  if with_stats:
+    flat.update({k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))})
+  params_lib.save_params(str(path), flat, variant='upernet_mambaout_test',
+                         model_kwargs={'num_classes': 5})
+
+
+def test_segment_cli_writes_label_maps_and_overlays(tmp_path):
+  import subprocess
+  import sys
+  from PIL import Image
+  from mambaout_jax import params as params_lib
+  from mambaout_jax import segment
+  from test_upernet import randomize
+  model = randomize(params_lib.build_uninitialised('upernet_mambaout_test', num_classes=5), seed=3)
+  _write_checkpoint(tmp_path / 'ckpt', model)
+  rs = np.random.RandomState(0)
+  images = {'a.jpg': rs.randint(0, 256, (45, 70, 3), np.uint8),
+            'b.png': rs.randint(0, 256, (60, 40), np.uint8)}  # greyscale: converted to RGB
+  for name, arr in images.items():
+    Image.fromarray(arr).save(tmp_path / name)
+  (tmp_path / 'bad.jpg').write_text('not an image')
+  files = [str(tmp_path / n) for n in ('a.jpg', 'bad.jpg', 'b.png', 'missing.png')]
+  out = subprocess.run([sys.executable, '-m', 'mambaout_jax.segment',
+                        '--variant=upernet_mambaout_test', f'--checkpoint={tmp_path / "ckpt"}',
+                        f'--out={tmp_path / "out"}', '--mode=slide', '--crop=32', '--stride=21',
+                        '--scale=64,32', *files], capture_output=True, text=True)
+  assert out.returncode == 1, out.stderr
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 2 and 'bad.jpg' in errors[0] and 'missing.png' in errors[1], out.stderr
+  model.eval()
+  for name, arr in images.items():
+    stem = name.split('.')[0]
+    labels = np.asarray(Image.open(tmp_path / 'out' / f'{stem}.png'))
+    overlay = Image.open(tmp_path / 'out' / f'{stem}_overlay.png')
+    assert labels.dtype == np.uint8 and labels.shape == arr.shape[:2]
+    assert overlay.mode == 'RGB' and overlay.size == (arr.shape[1], arr.shape[0])
+    rgb = np.asarray(Image.open(tmp_path / name).convert('RGB'))
+    x = segment.preprocess(rgb, (64, 32))
+    assert x.shape[:2] == {'a': (32, 50), 'b': (48, 32)}[stem]  # keep-ratio eval resize
+    want = si.predict_labels(model, x[None], mode='slide', crop=32, stride=21,
+                             out_sizes=np.array([arr.shape[:2]]), out_shape=arr.shape[:2])[0]
+    np.testing.assert_array_equal(labels, np.asarray(want))
+    assert len(np.unique(labels)) > 1
+
+
+def test_segment_refuses_a_checkpoint_without_batchnorm_statistics(tmp_path, capsys):
+  from mambaout_jax import params as params_lib
+  from mambaout_jax import segment
+  from test_upernet import randomize
+  model = randomize(params_lib.build_uninitialised('upernet_mambaout_test', num_classes=5))
+  _write_checkpoint(tmp_path / 'ckpt', model, with_stats=False)
+  assert segment.main(['--variant=upernet_mambaout_test', f'--checkpoint={tmp_path / "ckpt"}',
+                       f'--out={tmp_path / "out"}', 'x.png']) == 1
+  assert 'no BatchNorm statistics' in capsys.readouterr().err

@@ -176,6 +176,11 @@ class MlpHead(nnx.Module):
     return self.fc(x)
 
 
+# Parameters a `features_only` backbone adds to the classification ones: its stage-output norms.
+# A classification checkpoint has none of them; initialising a backbone from one leaves them new.
+DENSE_OUTPUT_NORMS = ('norm0', 'norm1', 'norm2', 'norm3')
+
+
 class MambaOut(nnx.Module):
   """MambaOut: a 4-stage hierarchy of Gated CNN blocks. `model(images_nhwc) -> logits` (float32).
 
@@ -217,9 +222,11 @@ class MambaOut(nnx.Module):
         for i in range(len(depths))])
     self.features_only = features_only
     if features_only:
+      if len(dims) != len(DENSE_OUTPUT_NORMS):
+        raise ValueError(f'features_only needs {len(DENSE_OUTPUT_NORMS)} stages, got {len(dims)}')
       self.head = None
-      for i, dim in enumerate(dims):
-        setattr(self, f'norm{i}', layer_norm(dim, **kw))
+      for name, dim in zip(DENSE_OUTPUT_NORMS, dims):
+        setattr(self, name, layer_norm(dim, **kw))
     else:
       self.head = MlpHead(dims[-1], num_classes, mlp_norm=(head_fn == 'default'),
                           drop_rate=head_dropout, **kw)
@@ -235,7 +242,8 @@ class MambaOut(nnx.Module):
 
   def __call__(self, x, pre_logits: bool = False):
     if self.features_only:
-      return [getattr(self, f'norm{i}')(f) for i, f in enumerate(self.forward_features(x))]
+      return [getattr(self, name)(f)
+              for name, f in zip(DENSE_OUTPUT_NORMS, self.forward_features(x))]
     x = self.head(self.forward_features(x)[-1], pre_logits=pre_logits)
     return x.astype(jnp.float32)
 

@@ -61,7 +61,8 @@ def slide_logits(model, images, *, crop: int = 512, stride: int = 341, image_siz
   Windows are `min(crop, H) x min(crop, W)`; per image, window (i, j) starts at
   (i * stride, j * stride), is shifted back to end inside the image's valid size, and exists when
   i < max(h - crop + stride - 1, 0) // stride + 1 (same for j, w). The windows run one batch of B
-  crops at a time under `lax.scan` (one model trace).
+  crops at a time under `lax.scan` (one model trace); a window that no image of the batch has is
+  skipped (`lax.cond`), so a large canvas costs only the windows its images need.
   """
   batch, height, width, _ = images.shape
   ch, cw = min(crop, height), min(crop, width)
@@ -82,18 +83,24 @@ def slide_logits(model, images, *, crop: int = 512, stride: int = 341, image_siz
     y2 = jnp.minimum(i * stride + ch, h_img)
     x2 = jnp.minimum(j * stride + cw, w_img)
     y1, x1 = jnp.maximum(y2 - ch, 0), jnp.maximum(x2 - cw, 0)
-    valid = ((i < h_grids) & (j < w_grids)).astype(jnp.float32)[:, None, None, None]
-    crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(
-        im, (y, x, 0), (ch, cw, im.shape[-1])))(images, y1, x1)
-    logits = _logits_at_input_size(graphdef, state, crops) * valid
+    exists = (i < h_grids) & (j < w_grids)
+    valid = exists.astype(jnp.float32)[:, None, None, None]
 
-    def add(acc, upd, y, x):
-      cur = jax.lax.dynamic_slice(acc, (y, x, 0), upd.shape)
-      return jax.lax.dynamic_update_slice(acc, cur + upd, (y, x, 0))
+    def run(carry):
+      preds, count = carry
+      crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(
+          im, (y, x, 0), (ch, cw, im.shape[-1])))(images, y1, x1)
+      logits = _logits_at_input_size(graphdef, state, crops) * valid
 
-    preds = jax.vmap(add)(preds, logits, y1, x1)
-    count = jax.vmap(add)(count, jnp.broadcast_to(valid, (batch, ch, cw, 1)), y1, x1)
-    return (preds, count), None
+      def add(acc, upd, y, x):
+        cur = jax.lax.dynamic_slice(acc, (y, x, 0), upd.shape)
+        return jax.lax.dynamic_update_slice(acc, cur + upd, (y, x, 0))
+
+      return (jax.vmap(add)(preds, logits, y1, x1),
+              jax.vmap(add)(count, jnp.broadcast_to(valid, (batch, ch, cw, 1)), y1, x1))
+
+    # A canvas fits the largest image; windows no image of this batch has are skipped.
+    return jax.lax.cond(exists.any(), run, lambda c: c, (preds, count)), None
 
   ij = jnp.stack(jnp.meshgrid(jnp.arange(n_h), jnp.arange(n_w), indexing='ij'), -1).reshape(-1, 2)
   init = (jnp.zeros((batch, height, width, num_classes), jnp.float32),
@@ -173,3 +180,18 @@ def predict_labels(model, images, **kwargs):
   """(B, H_out, W_out) int32 argmax of `predict_probs` (same arguments); -1 outside out_sizes."""
   probs = predict_probs(model, images, **kwargs)
   return jnp.where(probs.sum(-1) > 0, jnp.argmax(probs, axis=-1), -1).astype(jnp.int32)
+
+
+def predict(model, batch: dict, config):
+  """The eval step's prediction: `predict_labels` on an eval batch of the segmentation pipeline.
+
+  batch: 'image' (B, Hc, Wc, 3) canvas, 'image_hw' (B, 2) valid sizes, 'label' (B, Hl, Wl) (its
+  canvas shape is the output's), 'label_hw' (B, 2) original sizes. config.seg: `inference`
+  ('whole' | 'slide'), `slide_crop`, `slide_stride`, `eval_scales`, `eval_flip`.
+  Returns (B, Hl, Wl) int32 labels, -1 beyond each label_hw.
+  """
+  seg = config.seg
+  return predict_labels(model, batch['image'], mode=seg.inference, crop=seg.slide_crop,
+                        stride=seg.slide_stride, image_sizes=batch['image_hw'],
+                        out_sizes=batch['label_hw'], out_shape=batch['label'].shape[1:3],
+                        scales=tuple(seg.eval_scales), flip=bool(seg.eval_flip))
