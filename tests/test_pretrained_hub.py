@@ -1,6 +1,5 @@
 """`hf-hub:timm/<tag>` sources, offline: a huggingface_hub cache laid out by the test (the layout
 `hf download` leaves) holds a timm-layout mambaout_femto checkpoint with random weights."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,22 +11,9 @@ from flax import nnx
 from mambaout_jax import params as params_lib, pretrained
 
 import torch_reference as ref
+from hub_cache import lay_out_hub_cache
 
 TAG = 'hf-hub:timm/mambaout_femto.in1k'
-
-
-def lay_out_hub_cache(cache, repo: str, filename: str, src: str):
-  """huggingface_hub's cache layout: blobs/<sha256>, refs/main -> commit, snapshots/<commit>/."""
-  folder = cache / ('models--' + repo.replace('/', '--'))
-  data = open(src, 'rb').read()
-  blob = hashlib.sha256(data).hexdigest()
-  commit = hashlib.sha1(repo.encode()).hexdigest()
-  (folder / 'blobs').mkdir(parents=True)
-  (folder / 'blobs' / blob).write_bytes(data)
-  (folder / 'refs').mkdir()
-  (folder / 'refs' / 'main').write_text(commit)
-  (folder / 'snapshots' / commit).mkdir(parents=True)
-  os.symlink(os.path.join('..', '..', 'blobs', blob), folder / 'snapshots' / commit / filename)
 
 
 @pytest.fixture(scope='module')
