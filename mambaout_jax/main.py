@@ -75,7 +75,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from mambaout_jax import checkpoint, convert, data
   try:
-    apply_eval_overrides(_CONFIG.value, sys.argv)
+    apply_eval_overrides(_CONFIG.value, sys.argv, mode=_MODE.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
   except train.Preempted as e:
     logging.warning('stopped at step %s after saving a checkpoint; rerun the same command to '
@@ -87,11 +87,11 @@ def main(argv):
     sys.exit(f'FATAL {type(e).__name__}: {e}')
 
 
-def apply_eval_overrides(config, argv):
+def apply_eval_overrides(config, argv, *, mode: str):
   """--mode=eval of a timm Hub tag (--config.init_from=hf-hub:timm/<tag>) uses the eval transform
   of the tag's pretrained config (image size, crop_pct, interpolation), except for the keys the
   command line sets itself."""
-  if _MODE.value != 'eval' or not config.get('init_from'):
+  if mode != 'eval' or not config.get('init_from'):
     return
   from mambaout_jax import pretrained
   try:

@@ -1,6 +1,6 @@
 """`hf-hub:timm/<tag>` sources, offline: a huggingface_hub cache laid out by the test (the layout
 `hf download` leaves) holds a timm-layout mambaout_femto checkpoint with random weights."""
-import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -12,22 +12,10 @@ from flax import nnx
 from mambaout_jax import params as params_lib, pretrained
 
 import torch_reference as ref
+from hub_cache import lay_out_hub_cache
 
 TAG = 'hf-hub:timm/mambaout_femto.in1k'
-
-
-def lay_out_hub_cache(cache, repo: str, filename: str, src: str):
-  """huggingface_hub's cache layout: blobs/<sha256>, refs/main -> commit, snapshots/<commit>/."""
-  folder = cache / ('models--' + repo.replace('/', '--'))
-  data = open(src, 'rb').read()
-  blob = hashlib.sha256(data).hexdigest()
-  commit = hashlib.sha1(repo.encode()).hexdigest()
-  (folder / 'blobs').mkdir(parents=True)
-  (folder / 'blobs' / blob).write_bytes(data)
-  (folder / 'refs').mkdir()
-  (folder / 'refs' / 'main').write_text(commit)
-  (folder / 'snapshots' / commit).mkdir(parents=True)
-  os.symlink(os.path.join('..', '..', 'blobs', blob), folder / 'snapshots' / commit / filename)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -130,3 +118,26 @@ def test_convert_cli_takes_a_hub_tag_offline(offline, tmp_path):
   assert r.stderr.startswith('error: hf-hub:timm/mambaout_tiny.in1k: model.safetensors is not in '
                              'the Hugging Face cache')
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+def load_config(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'config_{name}',
+                                                os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_eval_overrides_apply_to_eval_of_a_hub_tag_only():
+  from mambaout_jax import main
+  tag = 'hf-hub:timm/mambaout_base_tall_rw.sw_e500_in1k'
+  c = load_config('base_tall_rw')
+  c.init_from = tag
+  c.aug.eval_interpolation = 'bilinear'
+  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='train')
+  assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 1.0, 'bilinear')
+  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='eval')
+  # The command line's own image_size is kept; the rest comes from timm's pretrained config.
+  assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 0.95, 'bicubic')
+
