@@ -121,7 +121,8 @@ HEAD_MODES = ('load', 'reset', 'fit', 'drop')
 
 def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, name_of,
                variant: str, source_name: str, head: str = 'load', to_model=lambda v: v,
-               shape_in_source=lambda s: tuple(s), classes_hint: str = '') -> dict[tuple, Any]:
+               shape_in_source=lambda s: tuple(s), classes_hint: str = '',
+               keep_fresh: tuple[str, ...] = ()) -> dict[tuple, Any]:
   """Takes every parameter of `expected` ({path: array}) from `source` ({name: array}).
 
   `name_of(path)` is a parameter's name in the source, `to_model` turns a source array into our
@@ -132,6 +133,8 @@ def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, nam
     'reset'  always the fresh one from `expected`; the source's classifier is ignored;
     'fit'    the source's when the shapes agree, else the fresh one;
     'drop'   every source key under `head.` is dropped (a backbone without a head).
+  Parameters under a top-level name in `keep_fresh` that the source lacks keep `expected`'s value
+  (a dense-task backbone's output norms, which classification checkpoints do not have).
   Any other missing, unexpected or mis-shaped key: ValueError naming the first one, in model order.
   """
   if head not in HEAD_MODES:
@@ -152,6 +155,9 @@ def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, nam
         head == 'fit' and k in source and tuple(np.shape(to_model(source[k]))) != want)):
       params[path] = np.asarray(expected[path])
       continue
+    if k not in source and path[0] in keep_fresh:
+      params[path] = np.asarray(expected[path])
+      continue
     if k not in source:
       raise CheckpointFitError(f'{source_name} does not fit {variant}: missing key {k!r} (expected '
                        f'shape {shape_in_source(want)})')
@@ -169,8 +175,8 @@ def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, nam
 def params_from_state_dict(sd: dict[str, np.ndarray], model_or_params, *, variant: str,
                            source: str, head: str = 'load', reset_head: bool = False,
                            classes_hint: str = 'a different number of classes: pass '
-                                               '--num_classes and --reset_head'
-                           ) -> dict[tuple, Any]:
+                                               '--num_classes and --reset_head',
+                           keep_fresh: tuple[str, ...] = ()) -> dict[tuple, Any]:
   """Maps a timm/official state dict onto a model's parameter paths, checking every key and shape.
 
   `model_or_params`: the model, or its {path: array}; see map_params for `head`
@@ -180,7 +186,7 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model_or_params, *, varian
   return map_params(official_to_timm(sd), expected, name_of=torch_key, variant=variant,
                     source_name=source, head='reset' if reset_head else head,
                     to_model=to_jax_layout, shape_in_source=torch_shape,
-                    classes_hint=classes_hint)
+                    classes_hint=classes_hint, keep_fresh=keep_fresh)
 
 
 def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,

@@ -242,10 +242,13 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
 
   init_head='reset': a classifier whose shape differs from the source's (another number of
   classes) keeps its fresh initialisation; with '' such a classifier is refused. backbone_only:
-  the source's `head.*` keys are dropped and every key of `params` must come from the source.
+  the source's `head.*` keys are dropped and every key of `params` must come from the source,
+  except a dense-task backbone's output norms (`norm0`..`norm3`), which keep their fresh init when
+  the source (a classification checkpoint) has none.
   Any other missing, unexpected or mis-shaped key is refused with a one-line ValueError.
   """
   from mambaout_jax import convert
+  from mambaout_jax.models.mambaout import DENSE_OUTPUT_NORMS
   from mambaout_jax.params import path_str
   if init_head not in ('', 'reset'):
     raise ValueError(f"unknown init_head {init_head!r}; use '' (load the classifier) or 'reset' "
@@ -254,6 +257,7 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
   head = 'drop' if backbone_only else ('fit' if init_head == 'reset' else 'load')
   hint = 'another number of classes: set --config.init_head=reset to re-initialise the classifier'
   expected = _flatten(params)
+  keep_fresh = DENSE_OUTPUT_NORMS if backbone_only else ()
   kind, weights, meta = read_source(source)
   if kind == 'params':
     if meta.get('variant') not in (None, variant) and not backbone_only:
@@ -262,10 +266,11 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
           f'--config.model.name={meta["variant"]}')
     by_str = {path_str(p): v for p, v in weights.items()}
     flat = convert.map_params(by_str, expected, name_of=path_str, variant=variant,
-                              source_name=source, head=head, classes_hint=hint)
+                              source_name=source, head=head, classes_hint=hint,
+                              keep_fresh=keep_fresh)
   else:
     flat = convert.params_from_state_dict(weights, expected, variant=variant, source=source,
-                                          head=head, classes_hint=hint)
+                                          head=head, classes_hint=hint, keep_fresh=keep_fresh)
   return _unflatten({p: np.asarray(v) for p, v in flat.items()})
 
 

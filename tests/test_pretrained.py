@@ -90,16 +90,24 @@ def test_head_of_another_size_needs_init_head_reset(tmp_path, timm_test):
 
 
 def test_backbone_only_drops_the_source_head(tmp_path, timm_test):
+  """A dense-task backbone (features_only: no head, output norms norm0..3) from a classification
+  checkpoint: every classification key loads, the output norms keep their fresh init."""
   _, sd, _ = timm_test
   source = str(tmp_path / 'model.safetensors')
   ref.save_safetensors(sd, source)
-  _, params = fresh()
-  backbone = {k: v for k, v in params.items() if k != 'head'}
+  model = mo.create_model('mambaout_test', rngs=nnx.Rngs(0), features_only=True)
+  backbone = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert {'norm0', 'norm3'} <= set(backbone) and 'head' not in backbone
+  for key in backbone['norm2']:  # distinguishable from any checkpoint value
+    backbone['norm2'][key] = backbone['norm2'][key] + 0.5
   got = pretrained.init_params(source, backbone, variant='mambaout_test', backbone_only=True)
-  assert set(got) == {'stem', 'stages'}
+  assert jax.tree.structure(got) == jax.tree.structure(backbone)
+  np.testing.assert_array_equal(got['norm2']['scale'], backbone['norm2']['scale'])
   np.testing.assert_array_equal(got['stem']['conv1']['kernel'],
                                 sd['stem.conv1.weight'].transpose(2, 3, 1, 0))
-  # A backbone key the source lacks is still refused.
+  np.testing.assert_array_equal(got['stages'][3]['blocks'][0]['fc2']['kernel'],
+                                sd['stages.3.blocks.0.fc2.weight'].T)
+  # Any other backbone key the source lacks is still refused.
   extra = dict(backbone, extra={'kernel': np.zeros((2, 2), np.float32)})
   with pytest.raises(ValueError, match="missing key 'extra.weight'"):
     pretrained.init_params(source, extra, variant='mambaout_test', backbone_only=True)
