@@ -1,6 +1,5 @@
 """`hf-hub:timm/<tag>` sources, offline: a huggingface_hub cache laid out by the test (the layout
 `hf download` leaves) holds a timm-layout mambaout_femto checkpoint with random weights."""
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import torch_reference as ref
 from hub_cache import lay_out_hub_cache
 
 TAG = 'hf-hub:timm/mambaout_femto.in1k'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -118,26 +116,3 @@ def test_convert_cli_takes_a_hub_tag_offline(offline, tmp_path):
   assert r.stderr.startswith('error: hf-hub:timm/mambaout_tiny.in1k: model.safetensors is not in '
                              'the Hugging Face cache')
   assert len(r.stderr.strip().splitlines()) == 1
-
-
-def load_config(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f'config_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def test_eval_overrides_apply_to_eval_of_a_hub_tag_only():
-  from mambaout_jax import main
-  tag = 'hf-hub:timm/mambaout_base_tall_rw.sw_e500_in1k'
-  c = load_config('base_tall_rw')
-  c.init_from = tag
-  c.aug.eval_interpolation = 'bilinear'
-  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='train')
-  assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 1.0, 'bilinear')
-  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='eval')
-  # The command line's own image_size is kept; the rest comes from timm's pretrained config.
-  assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 0.95, 'bicubic')
-
