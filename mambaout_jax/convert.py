@@ -26,7 +26,8 @@ import numpy as np
 from mambaout_jax.params import assign_params, check_params_match, flat_params, path_str
 
 class CheckpointFitError(ValueError):
-  """A checkpoint does not fit the model (a key missing, unexpected or of another shape)."""
+  """A checkpoint that cannot be used for the model: a key missing, unexpected or of another
+  shape, weights of another variant, or a Hub name that does not exist."""
 
 
 # Our parameter leaf names -> PyTorch's.

@@ -94,10 +94,7 @@ def apply_eval_overrides(config, argv, *, mode: str):
   if mode != 'eval' or not config.get('init_from'):
     return
   from mambaout_jax import pretrained
-  try:
-    overrides = pretrained.eval_overrides(config.init_from)
-  except ValueError as e:
-    sys.exit(f'FATAL ValueError: {e}')
+  overrides = pretrained.eval_overrides(config.init_from)  # CheckpointFitError: bad Hub name
   explicit = {a.split('=')[0][len('--config.'):] for a in argv if a.startswith('--config.')}
   overrides = {k: v for k, v in overrides.items() if k not in explicit}
   if overrides:

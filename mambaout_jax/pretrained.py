@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mambaout_jax.convert import CheckpointFitError
+
 HUB_PREFIX = 'hf-hub:'
 HUB_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's order of preference
 TIMM_RESULTS = ('timm results/results-imagenet.csv (pytorch-image-models commit aa4b585, '
@@ -91,12 +93,12 @@ def hub_repo(source: str) -> str | None:
     return None
   repo = source[len(HUB_PREFIX):].strip('/')
   if repo.count('/') != 1:
-    raise ValueError(f'{source!r} is not a Hub name; write hf-hub:OWNER/NAME, e.g. '
-                     'hf-hub:timm/mambaout_tiny.in1k')
+    raise CheckpointFitError(f'{source!r} is not a Hub name; write hf-hub:OWNER/NAME, e.g. '
+                             'hf-hub:timm/mambaout_tiny.in1k')
   owner, name = repo.split('/')
   if owner == 'timm' and name not in TIMM_TAGS:
-    raise ValueError(f'{source!r}: timm has no MambaOut weights named {name!r}; the tags are '
-                     f'{", ".join(TIMM_TAGS)}')
+    raise CheckpointFitError(f'{source!r}: timm has no MambaOut weights named {name!r}; the tags '
+                             f'are {", ".join(TIMM_TAGS)}')
   return repo
 
 
@@ -106,9 +108,9 @@ def check_variant(source: str, variant: str):
   if repo is not None and repo.startswith('timm/'):
     name = tag_variant(repo.split('/', 1)[1])
     if name != variant:
-      from mambaout_jax.convert import CheckpointFitError
       raise CheckpointFitError(f'{source} holds {name} weights, but the model is {variant}; use '
-                       f'{name} (--config.model.name={name} / --variant={name}) or a {variant} tag')
+                               f'{name} (--config.model.name={name} / --variant={name}) or a '
+                               f'{variant} tag')
 
 
 def hub_tag(source: str) -> HubTag | None:
@@ -261,7 +263,7 @@ def init_params(source: str, params: dict, *, variant: str, init_head: str = '',
   kind, weights, meta = read_source(source)
   if kind == 'params':
     if meta.get('variant') not in (None, variant) and not backbone_only:
-      raise convert.CheckpointFitError(
+      raise CheckpointFitError(
           f'{source} holds a {meta["variant"]} checkpoint, but the model is {variant}; set '
           f'--config.model.name={meta["variant"]}')
     by_str = {path_str(p): v for p, v in weights.items()}
