@@ -367,10 +367,13 @@ def evaluate(run: Run) -> dict[str, float]:
 # -------------------------------------------------------------------------------- export
 
 def export(run: Run) -> str:
-  """The params as a params checkpoint (with every structural kwarg) in DIR/export."""
+  """The params and BatchNorm statistics as a params checkpoint (with every structural kwarg) in
+  DIR/export: what `load_pretrained`, `predict` and `segment` read."""
   path = os.path.join(run.workdir, 'export')
-  params_host = to_host(run.state['params'])
-  params_lib.save_params(path, traverse_util.flatten_dict(params_host),
+  # The parameters and the BatchNorm statistics (model_state) in one flat namespace.
+  flat = {**traverse_util.flatten_dict(to_host(run.state['params'])),
+          **traverse_util.flatten_dict(to_host(run.state['model_state']))}
+  params_lib.save_params(path, flat,
                          variant=run.config.model.name, model_kwargs=run.meta['model_kwargs'],
                          extra_meta={'step': run.step})
   logging.info('exported params of step %d to %s (load with mo.load_pretrained(%r, %r))',

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from mambaout_jax import checkpoint as ckpt_lib
+from mambaout_jax import params as params_lib
 from mambaout_jax import train
 from mambaout_jax.tasks.classification import ClassificationTask
 
@@ -313,6 +314,8 @@ def test_a_task_with_batchnorm_trains_checkpoints_and_resumes_its_running_statis
   stats = {s: restore_numpy(reference, s)['model_state']['bn'] for s in (2, 4)}
   assert np.abs(stats[2]['mean']).min() > 1e-3 and np.abs(stats[2]['var'] - 1).min() > 1e-3
   assert not np.allclose(stats[2]['mean'], stats[4]['mean'])  # and updated every step
+  exported, _ = params_lib.read_params(os.path.join(reference, 'export'))
+  np.testing.assert_array_equal(exported[('bn', 'mean')], stats[4]['mean'])  # exported with params
 
   # Resume from step 2: the statistics come back from the checkpoint (momentum keeps them).
   shutil.copytree(reference, resumed)

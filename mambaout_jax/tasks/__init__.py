@@ -36,6 +36,9 @@ class Task:
   name: str = ''
   best_metric: str = ''          # metric the best-N checkpoints are kept by, e.g. 'eval/top1'
 
+  def __init__(self, config=None):
+    self.config = config         # the run's config (tasks whose jitted eval needs it keep it)
+
   def dataset_info(self, config):
     """-> object with .num_classes, .num_train_examples, .num_eval_examples."""
     raise NotImplementedError
@@ -88,7 +91,7 @@ def get_task(config) -> Task:
     raise ValueError(f'unknown config.task {name!r}; choose one of {", ".join(sorted(TASKS))}')
   module, cls = TASKS[name].split(':')
   try:
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(config)
   except ModuleNotFoundError as e:
     if e.name != module:
       raise
