@@ -14,7 +14,7 @@ __version__ = '0.1.0'
 
 def load_pretrained(name: str, path: str, **overrides):
   """Builds `name` and loads a converted (`mambaout_jax.convert`) or exported checkpoint from `path`."""
-  from mambaout_jax.checkpoint import load_pretrained as _load
+  from mambaout_jax.params import load_pretrained as _load
   return _load(name, path, **overrides)
 
 

@@ -1,162 +1,19 @@
-"""Params-only checkpoints: what `convert` writes, the trainer exports, and `load_pretrained` reads.
+"""Training checkpoints (the trainer's part): an Orbax CheckpointManager over
+DIR/checkpoints/<step>/{state, data, meta}.
 
-A params checkpoint is a directory holding an Orbax PyTree checkpoint (`params/`) of the model's
-parameters as a nested dict with string keys, and `mambaout_meta.json` naming the variant and the
-constructor overrides it needs (e.g. `num_classes`). Loading checks every key and shape against the
-model and refuses a mismatch with a message naming the first offending key — never a partial load.
+`state` is the train state pytree (step, params, opt_state[, ema_params]) restored straight onto
+the current mesh's shardings, so a run resumes on any device count; `data` is the Grain iterator
+state of every process (one JSON file each); `meta` names the variant and model kwargs so a
+checkpoint of another model is refused with a clear message. Params-only checkpoints (convert
+output, trainer export, `load_pretrained`) live in `mambaout_jax.params`.
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
-import jax
-import numpy as np
 from etils import epath
-from flax import nnx
 
-META_FILE = 'mambaout_meta.json'
-PARAMS_DIR = 'params'
-
-
-def _abspath(directory: str) -> str:
-  """Absolute local path; URLs such as gs://bucket/dir are kept as they are."""
-  return directory if '://' in directory else os.path.abspath(directory)
-
-
-def flat_params(model_or_state) -> dict[tuple, Any]:
-  """{path tuple: array} for every nnx.Param of a module (or a State of params)."""
-  state = model_or_state
-  if isinstance(model_or_state, nnx.Module):
-    state = nnx.state(model_or_state, nnx.Param)
-  return {path: var.get_value() if hasattr(var, 'get_value') else var
-          for path, var in nnx.to_flat_state(state)}
-
-
-def path_str(path: tuple) -> str:
-  return '.'.join(str(p) for p in path)
-
-
-def nest(flat: dict[tuple, Any]) -> dict:
-  """Flat {path tuple: value} -> nested dict with string keys (Orbax-friendly)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(str(p), {})
-    node[str(path[-1])] = value
-  return tree
-
-
-def flatten(tree: dict, prefix=()) -> dict[tuple, Any]:
-  """Nested dict with string keys -> {path tuple: value}, string digits turned back into ints."""
-  out = {}
-  for k, v in tree.items():
-    key = int(k) if isinstance(k, str) and k.isdigit() else k
-    if isinstance(v, dict):
-      out.update(flatten(v, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = v
-  return out
-
-
-def save_params(directory: str, params, *, variant: str, model_kwargs: dict | None = None,
-                extra_meta: dict | None = None) -> str:
-  """Writes a params checkpoint; `params` is a module, a State of params or {path tuple: array}."""
-  import orbax.checkpoint as ocp
-  if not isinstance(params, dict):
-    params = flat_params(params)
-  directory = _abspath(directory)
-  epath.Path(directory).mkdir(parents=True, exist_ok=True)
-  tree = nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
-  ckptr = ocp.PyTreeCheckpointer()
-  ckptr.save(epath.Path(directory) / PARAMS_DIR, tree, force=True)
-  meta = {'variant': variant, 'model_kwargs': model_kwargs or {}, **(extra_meta or {})}
-  (epath.Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2))
-  return directory
-
-
-def read_params(directory: str) -> tuple[dict[tuple, np.ndarray], dict]:
-  """Returns ({path tuple: numpy array}, meta) from a params checkpoint directory."""
-  import orbax.checkpoint as ocp
-  directory = _abspath(directory)
-  meta_path = epath.Path(directory) / META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(
-        f'{directory} is not a mambaout_jax params checkpoint (no {META_FILE}); make one with '
-        f'`python -m mambaout_jax.convert --variant=NAME --src=FILE.pth --out={directory}` or '
-        f'`python -m mambaout_jax.main --mode=export ...`')
-  meta = json.loads(meta_path.read_text())
-  tree = ocp.PyTreeCheckpointer().restore(epath.Path(directory) / PARAMS_DIR)
-  return flatten(tree), meta
-
-
-def check_params_match(model, params: dict[tuple, Any], *, source: str, variant: str):
-  """Raises ValueError naming the first missing / unexpected / mis-shaped key."""
-  expected = {k: tuple(v.shape) for k, v in flat_params(model).items()}
-  for k in sorted(expected, key=path_str):
-    if k not in params:
-      raise ValueError(f'{source} does not fit {variant}: missing parameter {path_str(k)!r} '
-                       f'(expected shape {expected[k]}); is it a checkpoint of another variant?')
-  for k in sorted(params, key=path_str):
-    if k not in expected:
-      raise ValueError(f'{source} does not fit {variant}: unexpected parameter {path_str(k)!r} '
-                       f'(shape {tuple(np.shape(params[k]))}); is it a checkpoint of another variant?')
-    if tuple(np.shape(params[k])) != expected[k]:
-      raise ValueError(f'{source} does not fit {variant}: parameter {path_str(k)!r} has shape '
-                       f'{tuple(np.shape(params[k]))} in the checkpoint but {expected[k]} in the model')
-
-
-def assign_params(model, params: dict[tuple, Any]):
-  """Copies {path tuple: array} into the model's nnx.Params, casting to each param's dtype."""
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  for path, var in flat.items():
-    var.set_value(jax.numpy.asarray(params[path], dtype=var.get_value().dtype))
-  nnx.update(model, state)
-  return model
-
-
-def build_uninitialised(name: str, *, seed: int = 0, **kwargs):
-  """Builds variant `name` without running its random parameter init (params are placeholders).
-
-  Random init on CPU costs one small XLA compile per parameter shape (tens of seconds for the big
-  variants); a model whose parameters are about to be overwritten does not need it. The RNG state
-  that drop path keeps is computed for real, in one jitted call in which the params are dead code.
-  """
-  from mambaout_jax.models.registry import create_model
-
-  def make():
-    return create_model(name, rngs=nnx.Rngs(seed), **kwargs)
-
-  model = nnx.eval_shape(make)
-  rest = jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))()
-  nnx.update(model, rest)
-  return model
-
-
-def load_pretrained(name: str, path: str, *, seed: int = 0, **overrides):
-  """Builds variant `name` and loads the params checkpoint at `path` onto the default device."""
-  params, meta = read_params(path)
-  if meta.get('variant') not in (None, name):
-    raise ValueError(f'{path} holds a {meta["variant"]} checkpoint, not {name}; '
-                     f'call load_pretrained({meta["variant"]!r}, {path!r})')
-  kwargs = {**meta.get('model_kwargs', {}), **overrides}
-  model = build_uninitialised(name, seed=seed, **kwargs)
-  check_params_match(model, params, source=path, variant=name)
-  assign_params(model, params)
-  model.eval()
-  return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints (the trainer's part): an Orbax CheckpointManager over
-#   DIR/checkpoints/<step>/{state, data, meta}
-# `state` is the train state pytree (step, params, opt_state[, ema_params]) restored straight onto
-# the current mesh's shardings, so a run resumes on any device count; `data` is the Grain iterator
-# state of every process (one JSON file each); `meta` names the variant and model kwargs so a
-# checkpoint of another model is refused with a clear message.
+from mambaout_jax.params import abspath
 
 CHECKPOINTS_DIR = 'checkpoints'
 
@@ -179,7 +36,7 @@ def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1
       preservation_policy=policies.AnyPreservationPolicy(keep_policies),
       enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
-      epath.Path(_abspath(workdir)) / CHECKPOINTS_DIR, options=options,
+      epath.Path(abspath(workdir)) / CHECKPOINTS_DIR, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler()})
@@ -191,57 +48,126 @@ def save_train_state(manager, step: int, state, *, data_iterator=None, meta: dic
   import grain.checkpoint
   import orbax.checkpoint as ocp
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-  if data_iterator is not None:
+  if hasattr(data_iterator, 'get_state'):  # a Grain iterator
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def check_train_meta(meta: dict, *, variant: str, model_kwargs: dict, path: str):
-  if meta.get('variant') != variant:
-    raise CheckpointMismatchError(
-        f'{path} holds a checkpoint of {meta.get("variant")}, but config.model.name is {variant}; '
-        f'use another --workdir or set --config.model.name={meta.get("variant")}')
-  trained = meta.get('model_kwargs', {}).get('num_classes')
-  if trained != model_kwargs.get('num_classes'):
-    raise CheckpointMismatchError(
-        f'{path} was trained with num_classes={trained}, the config gives '
-        f'{model_kwargs.get("num_classes")}; use another --workdir')
+# Config key that sets each structural key (for the refusal's "fix" hint).
+CONFIG_KEYS = {'variant': 'model.name', 'num_classes': 'dataset.num_classes',
+               'scan_order': 'model.scan_order', 'img_size': 'image_size',
+               'ema': 'ema_decay', 'optimizer': 'optimizer', 'grad_clip': 'grad_clip_norm'}
 
 
-def restore_latest_train_state(manager, abstract_state, *, data_iterator=None, variant: str,
-                               model_kwargs: dict, log=print):
+class CheckpointUnreadableError(RuntimeError):
+  """The workdir holds checkpoints but none of them reads back."""
+
+
+def train_meta(*, variant: str, model_kwargs: dict, state_layout: dict) -> dict:
+  """What a train checkpoint records about its structure (JSON): the variant, every structural
+  model kwarg and the train-state layout (EMA, optimizer, model_state, ...)."""
+  return {'variant': variant, 'model_kwargs': dict(model_kwargs),
+          'state_layout': dict(state_layout)}
+
+
+def _mismatch(path, key, trained, configured):
+  hint = CONFIG_KEYS.get(key)
+  fix = f'set --config.{hint} back' if hint else 'set the config back'
+  return CheckpointMismatchError(
+      f'{path} was written with {key}={trained!r}, the config gives {key}={configured!r}; '
+      f'use another --workdir or {fix} to resume it')
+
+
+def check_train_meta(meta: dict, expected: dict, *, path: str):
+  """Raises CheckpointMismatchError naming the first structural key that differs."""
+  if meta.get('variant') != expected['variant']:
+    raise _mismatch(path, 'variant', meta.get('variant'), expected['variant'])
+  for group in ('model_kwargs', 'state_layout'):
+    trained, configured = meta.get(group, {}), expected[group]
+    for key in sorted(set(trained) | set(configured)):
+      if trained.get(key) != configured.get(key):
+        raise _mismatch(path, key, trained.get(key), configured.get(key))
+
+
+def _leaf_signatures(tree) -> dict[str, tuple]:
+  """{'a.b.0.c': (shape, dtype)}; tuples, lists, dicts and dataclass fields alike."""
+  from jax import tree_util
+  def name(k):
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {'.'.join(name(k) for k in path): (tuple(getattr(x, 'shape', ())),
+                                              str(getattr(x, 'dtype', '')))
+          for path, x in tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_state_tree(stored, abstract_state, *, path: str):
+  """The stored train-state tree (Orbax metadata) must have the abstract state's paths, shapes
+  and dtypes: the backstop for structural changes the recorded keys do not name."""
+  want, have = _leaf_signatures(abstract_state), _leaf_signatures(getattr(stored, 'tree', stored))
+  for key in sorted(set(want) | set(have)):
+    if want.get(key) != have.get(key):
+      raise CheckpointMismatchError(
+          f'{path} holds a train state whose {key} is {have.get(key, "absent")} (shape, dtype); '
+          f'the config gives {want.get(key, "absent")}; use another --workdir or set the config '
+          f'back to the one in its config.json')
+
+
+def restore_latest_train_state(manager, abstract_state, *, expected_meta: dict, log=print):
   """Restores the newest checkpoint that reads back, onto `abstract_state`'s shardings.
 
-  Returns (step, state, meta) or None when there is none. A checkpoint that fails to restore
-  (partial or corrupt files) is reported and the next older one is tried. The data iterator is
-  restored in place when its state was saved by the same number of processes; otherwise it starts
-  afresh (reported).
+  Returns (step, state) or None when the workdir holds no checkpoint. A checkpoint whose
+  structure differs from the config's (`expected_meta`, then the stored tree's shapes) raises
+  CheckpointMismatchError before anything is written; only an unreadable checkpoint (missing,
+  partial or corrupt files) is reported and the next older one tried; when none reads back,
+  CheckpointUnreadableError (never a silent fresh start next to old checkpoints).
   """
-  import grain.checkpoint
   import orbax.checkpoint as ocp
   manager.reload()
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
     path = os.path.join(str(manager.directory), str(step))
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      stored = manager.item_metadata(step)['state']
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
-      log(f'WARNING: checkpoint {path} is unreadable ({type(e).__name__}: {e}); '
+      log(f'WARNING: checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}); '
           'trying an older one')
       continue
-    check_train_meta(meta, variant=variant, model_kwargs=model_kwargs, path=path)
+    check_train_meta(meta, expected_meta, path=path)
+    if stored is not None:
+      check_state_tree(stored, abstract_state, path=path)
     try:
       state = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))['state']
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the structure matched: the files are damaged
       log(f'WARNING: checkpoint {path} failed to restore ({type(e).__name__}: '
-          f'{str(e).splitlines()[0] if str(e) else ""}); trying an older one')
+          f'{_first_line(e)}); trying an older one')
       continue
-    if data_iterator is not None:
-      try:
-        manager.restore(step, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except Exception as e:  # noqa: BLE001
-        log(f'WARNING: input pipeline state in {path} not restored ({type(e).__name__}: {e}); '
-            f'the input pipeline starts from its beginning')
-    return step, state, meta
+    return step, state
+  if steps:
+    raise CheckpointUnreadableError(
+        f'none of the {len(steps)} checkpoints in {manager.directory} (steps '
+        f'{", ".join(map(str, sorted(steps)))}) reads back; move them away to start afresh or '
+        f'use another --workdir')
   return None
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).splitlines()[0] if str(e) else ''
+
+
+def restore_data_iterator(manager, step: int, data_iterator, log=print):
+  """Restores a Grain iterator's state saved at `step`, when there is one (same process count);
+  otherwise the iterator keeps the position it was created at (reported)."""
+  import grain.checkpoint
+  import orbax.checkpoint as ocp
+  if not hasattr(data_iterator, 'set_state'):
+    return
+  try:
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  except Exception as e:  # noqa: BLE001
+    log(f'WARNING: input pipeline state of step {step} not restored ({type(e).__name__}: '
+        f'{_first_line(e)}); the input pipeline starts where it was created')

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   import jax
-  from mambaout_jax.checkpoint import load_pretrained
+  from mambaout_jax.params import load_pretrained
   try:
     model = load_pretrained(args.variant, args.checkpoint)
   except (ValueError, FileNotFoundError) as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mambaout_jax as mo
-from mambaout_jax import checkpoint, convert
+from mambaout_jax import convert, params as params_lib
 
 import torch_reference as ref
 
@@ -29,7 +29,7 @@ def test_cli_converts_official_pth_and_model_loads(tmp_path, femto_sd):
   out = str(tmp_path / 'femto')
   r = run_cli('--variant=mambaout_femto', f'--src={src}', f'--out={out}')
   assert r.returncode == 0, r.stderr
-  params, meta = checkpoint.read_params(out)
+  params, meta = params_lib.read_params(out)
   assert meta['variant'] == 'mambaout_femto'
   np.testing.assert_array_equal(params[('stages', 2, 'blocks', 4, 'fc1', 'kernel')],
                                 femto_sd['stages.2.blocks.4.fc1.weight'].T)
@@ -77,12 +77,12 @@ def test_head_reset_for_new_num_classes(tmp_path, femto_sd):
 
 def test_load_pretrained_refuses_wrong_variant(tmp_path):
   model = mo.create_model('mambaout_test')
-  out = checkpoint.save_params(str(tmp_path / 't'), model, variant='mambaout_test')
+  out = params_lib.save_params(str(tmp_path / 't'), model, variant='mambaout_test')
   with pytest.raises(ValueError, match="holds a mambaout_test checkpoint, not mambaout_femto"):
     mo.load_pretrained('mambaout_femto', out)
   with pytest.raises(FileNotFoundError, match='not a mambaout_jax params checkpoint'):
     mo.load_pretrained('mambaout_test', str(tmp_path))
   loaded = mo.load_pretrained('mambaout_test', out)
-  for a, b in zip(jax.tree.leaves(checkpoint.flat_params(model)),
-                  jax.tree.leaves(checkpoint.flat_params(loaded))):
+  for a, b in zip(jax.tree.leaves(params_lib.flat_params(model)),
+                  jax.tree.leaves(params_lib.flat_params(loaded))):
     np.testing.assert_array_equal(a, b)

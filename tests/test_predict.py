@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import mambaout_jax as mo
-from mambaout_jax import checkpoint, predict
+from mambaout_jax import params as params_lib, predict
 
 
 @pytest.mark.parametrize('size,crop_pct', [((500, 375), 1.0), ((333, 517), 1.0), ((256, 256), 0.875)])
@@ -39,7 +39,7 @@ def test_topk_is_sorted_softmax():
 
 def test_cli_classifies_good_images_and_reports_bad_ones(tmp_path):
   model = mo.create_model('mambaout_test')
-  ckpt = checkpoint.save_params(str(tmp_path / 'ckpt'), model, variant='mambaout_test')
+  ckpt = params_lib.save_params(str(tmp_path / 'ckpt'), model, variant='mambaout_test')
   rng = np.random.RandomState(0)
   good = tmp_path / 'a.jpg'
   Image.fromarray(rng.randint(0, 256, (300, 400, 3), dtype=np.uint8)).save(good)

@@ -47,6 +47,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
 
 def _import_project_builders():
   from mambaout_jax.data import digits  # noqa: F401  (registers `mambaout_digits` with TFDS)
+  from mambaout_jax.data import ade20k  # noqa: F401  (registers `ade20k`)
 
 
 def tfds_builder(name: str, data_dir: str | None):

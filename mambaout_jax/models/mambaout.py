@@ -176,15 +176,27 @@ class MlpHead(nnx.Module):
     return self.fc(x)
 
 
+# Parameters a `features_only` backbone adds to the classification ones: its stage-output norms.
+# A classification checkpoint has none of them; initialising a backbone from one leaves them new.
+DENSE_OUTPUT_NORMS = ('norm0', 'norm1', 'norm2', 'norm3')
+
+
 class MambaOut(nnx.Module):
-  """MambaOut: a 4-stage hierarchy of Gated CNN blocks. `model(images_nhwc) -> logits` (float32)."""
+  """MambaOut: a 4-stage hierarchy of Gated CNN blocks. `model(images_nhwc) -> logits` (float32).
+
+  `features_only=True` makes it a backbone for dense tasks (the authors' segmentation/detection
+  code): no classifier and no final norm; `model(images)` returns the stage outputs, NHWC at
+  strides 4, 8, 16, 32, each through its own LayerNorm (`norm0`..`norm3`, eps 1e-6). Every other
+  parameter keeps its classification name, so a classification checkpoint's non-head keys load 1:1;
+  the output norms are new and start at their default init (scale 1, bias 0).
+  """
 
   def __init__(self, *, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3),
                dims=(96, 192, 384, 576), act='gelu', conv_ratio=1.0, expansion_ratio=8 / 3,
                kernel_size=7, stem_mid_norm=True, ls_init_value=None, downsample='conv',
                head_fn='default', drop_path_rate=0.0, head_dropout=0.0, dwconv_impl='auto',
-               block_cls=None, block_kwargs=None, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               block_cls=None, block_kwargs=None, features_only=False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if len(depths) != len(dims):
       raise ValueError(f'depths {tuple(depths)} and dims {tuple(dims)} differ in length')
     if head_fn not in ('default', 'norm_mlp'):
@@ -208,8 +220,16 @@ class MambaOut(nnx.Module):
                       drop_path_rates=rates[bounds[i]:bounds[i + 1]], block_cls=block_cls,
                       block_kwargs=block_kwargs, **kw)
         for i in range(len(depths))])
-    self.head = MlpHead(dims[-1], num_classes, mlp_norm=(head_fn == 'default'),
-                        drop_rate=head_dropout, **kw)
+    self.features_only = features_only
+    if features_only:
+      if len(dims) != len(DENSE_OUTPUT_NORMS):
+        raise ValueError(f'features_only needs {len(DENSE_OUTPUT_NORMS)} stages, got {len(dims)}')
+      self.head = None
+      for name, dim in zip(DENSE_OUTPUT_NORMS, dims):
+        setattr(self, name, layer_norm(dim, **kw))
+    else:
+      self.head = MlpHead(dims[-1], num_classes, mlp_norm=(head_fn == 'default'),
+                          drop_rate=head_dropout, **kw)
 
   def forward_features(self, x) -> list[Any]:
     """The four stage outputs, NHWC at strides 4, 8, 16, 32 (for dense-prediction heads)."""
@@ -221,6 +241,9 @@ class MambaOut(nnx.Module):
     return feats
 
   def __call__(self, x, pre_logits: bool = False):
+    if self.features_only:
+      return [getattr(self, name)(f)
+              for name, f in zip(DENSE_OUTPUT_NORMS, self.forward_features(x))]
     x = self.head(self.forward_features(x)[-1], pre_logits=pre_logits)
     return x.astype(jnp.float32)
 
