@@ -28,6 +28,20 @@ class Toy(nnx.Module):
     return p @ self.w[...] + 3 * jnp.tanh(p.mean((1, 2), keepdims=True) @ self.v[...])
 
 
+class ToyValid(Toy):
+  """The Toy computed on each image's region of a padded canvas only (`valid_hw`), as UperNet."""
+  output_stride = 4
+
+  def __call__(self, x, valid_hw=None):
+    b, h, w, c = x.shape
+    p = x[:, :h // 4 * 4, :w // 4 * 4].reshape(b, h // 4, 4, w // 4, 4, c).mean((2, 4))
+    v = jnp.asarray(valid_hw) // 4  # the toy floors (avg_pool2d)
+    inside = ((jnp.arange(h // 4)[None, :, None] < v[:, 0, None, None]) &
+              (jnp.arange(w // 4)[None, None, :] < v[:, 1, None, None]))[..., None]
+    mean = (p * inside).sum((1, 2), keepdims=True) / inside.sum((1, 2), keepdims=True)
+    return p @ self.w[...] + 3 * jnp.tanh(mean @ self.v[...])
+
+
 def toy_torch(model, x):  # NCHW
   p = F.avg_pool2d(x, 4)
   w, v = (torch.tensor(np.asarray(a[...])) for a in (model.w, model.v))
@@ -112,6 +126,22 @@ def test_padded_batch_matches_mmseg_on_each_image(batch, mode, ratios, flip):
     g = got[b][0] if mode == 'whole' else got[b]
     np.testing.assert_allclose(g[:OUT[b][0], :OUT[b][1]], want, rtol=1e-5, atol=1e-6)
     assert not g[OUT[b][0]:].any() and not g[:, OUT[b][1]:].any()
+
+
+def test_whole_on_a_padded_batch_uses_valid_hw(batch):
+  """A model taking valid_hw makes whole-image inference on a padded canvas equal mmseg's
+  per-image run (sizes multiples of 4 here, where the toy's floor-pooling is exact)."""
+  sizes, out = [(40, 76), (36, 52)], [(80, 150), (30, 47)]
+  rs = np.random.RandomState(2)
+  canvas = np.zeros((2, 44, 80, 3), np.float32)
+  imgs = [rs.randn(h, w, 3).astype(np.float32) for h, w in sizes]
+  for b, im in enumerate(imgs):
+    canvas[b, :im.shape[0], :im.shape[1]] = im
+  got = run(ToyValid(), canvas, sizes, out, mode='whole', scales=(1.0,), flip=True)
+  for b, im in enumerate(imgs):
+    want = mmseg_test(Toy(), torch.from_numpy(im).permute(2, 0, 1)[None], out[b], 'whole',
+                      flip=True)
+    np.testing.assert_allclose(got[b, :out[b][0], :out[b][1]], want, rtol=1e-5, atol=1e-6)
 
 
 def test_slide_windows_and_count_normalisation(batch):

@@ -206,6 +206,33 @@ def test_train_mode_batchnorm_matches_torch(images):
                                err_msg=str(path))
 
 
+@pytest.mark.parametrize('overrides', [{}, {'downsample': 'conv', 'stem_mid_norm': True}])
+def test_padded_canvas_with_valid_hw_equals_each_unpadded_image(pair, overrides):
+  """valid_hw: every conv sees zeros past the image, pyramid pooling and resizes use its region
+  only, so a padded batch gives each image's own logits (both MambaOut downsample layouts)."""
+  model = pair[0] if not overrides else build('upernet_mambaout_test', **overrides)
+  model.eval()
+  rs = np.random.RandomState(5)
+  sizes = [(72, 104), (45, 67)]
+  canvas = np.zeros((2, 80, 112, 3), np.float32)
+  for b, (h, w) in enumerate(sizes):
+    canvas[b, :h, :w] = rs.randn(h, w, 3)
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, x, v: nnx.merge(graphdef, s)(x, return_aux=True, valid_hw=v))
+  logits, aux = fwd(state, canvas, np.array(sizes, np.int32))
+  for b, (h, w) in enumerate(sizes):
+    want, want_aux = fwd(state, canvas[b:b + 1, :h, :w], np.array([[h, w]], np.int32))
+    assert want.shape[1:3] == (-(-h // 4), -(-w // 4))
+    np.testing.assert_allclose(logits[b, :want.shape[1], :want.shape[2]], want[0], rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(aux[b, :want_aux.shape[1], :want_aux.shape[2]], want_aux[0],
+                               rtol=1e-4, atol=1e-5 * float(np.abs(want_aux).max()))
+  # ... and valid_hw covering the whole input changes nothing.
+  plain = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, canvas[:1, :72, :104])
+  np.testing.assert_allclose(plain, fwd(state, canvas[:1, :72, :104],
+                                        np.array([[72, 104]], np.int32))[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('src,dst', [((5, 7), (18, 26)), ((16, 24), (64, 96)), ((64, 96), (16, 24)),
                                      ((37, 51), (23, 64)), ((9, 13), (9, 13)), ((1, 1), (4, 3))])
 def test_resize_matches_torch_interpolate(src, dst):

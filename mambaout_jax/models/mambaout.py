@@ -22,6 +22,19 @@ from mambaout_jax.models.layers import (DepthwiseConv2d, LayerScale, conv3x3_s2,
 from mambaout_jax.models.registry import register_model
 
 
+def mask_outside(x, valid_hw, stride: int):
+  """Zeros `x` (B, h, w, C) outside the region that images of valid size `valid_hw` (B, 2) cover
+  at `stride` (ceil(valid / stride), what stride-2 convs with padding 1 produce). `valid_hw=None`
+  returns `x`. Applied before every spatial op, it makes a padded canvas compute, on each image's
+  region, exactly what the unpadded image computes (convolutions see zeros past its border)."""
+  if valid_hw is None:
+    return x
+  v = (jnp.asarray(valid_hw, jnp.int32) + stride - 1) // stride
+  rows = jnp.arange(x.shape[1])[None, :] < v[:, 0, None]
+  cols = jnp.arange(x.shape[2])[None, :] < v[:, 1, None]
+  return jnp.where((rows[:, :, None] & cols[:, None, :])[..., None], x, jnp.zeros((), x.dtype))
+
+
 class Stem(nnx.Module):
   """conv3x3/2 -> [LN] -> act -> conv3x3/2 -> LN: stride 4 (InternImage's stem)."""
 
@@ -34,12 +47,12 @@ class Stem(nnx.Module):
     self.conv2 = conv3x3_s2(out_chs // 2, out_chs, **kw)
     self.norm2 = layer_norm(out_chs, **kw)
 
-  def __call__(self, x):
-    x = self.conv1(x)
+  def __call__(self, x, valid_hw=None):
+    x = self.conv1(mask_outside(x, valid_hw, 1))
     if self.norm1 is not None:
       x = self.norm1(x)
     x = self.act(x)
-    return self.norm2(self.conv2(x))
+    return self.norm2(self.conv2(mask_outside(x, valid_hw, 2)))
 
 
 class Downsample(nnx.Module):
@@ -50,8 +63,8 @@ class Downsample(nnx.Module):
     self.conv = conv3x3_s2(in_chs, out_chs, **kw)
     self.norm = layer_norm(out_chs, **kw)
 
-  def __call__(self, x):
-    return self.norm(self.conv(x))
+  def __call__(self, x, valid_hw=None, stride: int = 1):
+    return self.norm(self.conv(mask_outside(x, valid_hw, stride)))
 
 
 class DownsampleNormFirst(nnx.Module):
@@ -62,8 +75,8 @@ class DownsampleNormFirst(nnx.Module):
     self.norm = layer_norm(in_chs, **kw)
     self.conv = conv3x3_s2(in_chs, out_chs, **kw)
 
-  def __call__(self, x):
-    return self.conv(self.norm(x))
+  def __call__(self, x, valid_hw=None, stride: int = 1):
+    return self.conv(mask_outside(self.norm(x), valid_hw, stride))
 
 
 def drop_path(rate: float, rngs: nnx.Rngs) -> Optional[nnx.Dropout]:
@@ -97,12 +110,13 @@ class GatedCNNBlock(nnx.Module):
     self.ls = LayerScale(dim, ls_init_value, param_dtype=param_dtype) if ls_init_value else None
     self.drop_path = drop_path(drop_path_rate, rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, valid_hw=None, stride: int = 1):
     shortcut = x
     x = self.fc1(self.norm(x))
     hidden, n_id, _ = self.split_indices
     g, i, c = x[..., :hidden], x[..., hidden:hidden + n_id], x[..., hidden + n_id:]
-    x = self.fc2(self.act(g) * jnp.concatenate([i, self.conv(c)], axis=-1))
+    c = self.conv(mask_outside(c, valid_hw, stride))
+    x = self.fc2(self.act(g) * jnp.concatenate([i, c], axis=-1))
     if self.ls is not None:
       x = self.ls(x)
     if self.drop_path is not None:
@@ -130,11 +144,17 @@ class MambaOutStage(nnx.Module):
         block_cls(dim_out, drop_path_rate=drop_path_rates[j], **(block_kwargs or {}), **kw)
         for j in range(depth)])
 
-  def __call__(self, x):
+  def __call__(self, x, valid_hw=None, stride: int = 1):
+    """`stride`: of the stage's output; with `valid_hw` the spatial ops see only valid pixels
+    (blocks that override the Gated CNN block's call, such as Mamba blocks, run unmasked)."""
     if self.downsample is not None:
-      x = self.downsample(x)
+      x = (self.downsample(x) if valid_hw is None else
+           self.downsample(x, valid_hw, stride // 2))
     for block in self.blocks:
-      x = block(x)
+      if valid_hw is not None and type(block).__call__ is GatedCNNBlock.__call__:
+        x = block(x, valid_hw, stride)
+      else:
+        x = block(x)
     return x
 
 
@@ -231,19 +251,26 @@ class MambaOut(nnx.Module):
       self.head = MlpHead(dims[-1], num_classes, mlp_norm=(head_fn == 'default'),
                           drop_rate=head_dropout, **kw)
 
-  def forward_features(self, x) -> list[Any]:
-    """The four stage outputs, NHWC at strides 4, 8, 16, 32 (for dense-prediction heads)."""
-    x = self.stem(x)
+  def forward_features(self, x, valid_hw=None) -> list[Any]:
+    """The four stage outputs, NHWC at strides 4, 8, 16, 32 (for dense-prediction heads).
+
+    `valid_hw` (B, 2): each image's valid (h, w) at the top-left of a padded canvas; every
+    convolution then sees zeros past it, as the unpadded image would (exact for Gated CNN
+    blocks; Mamba blocks' scans still run over the padding). Outputs beyond it are undefined.
+    """
+    x = self.stem(x) if valid_hw is None else self.stem(x, valid_hw)
     feats = []
-    for stage in self.stages:
-      x = stage(x)
+    for i, stage in enumerate(self.stages):
+      x = stage(x) if valid_hw is None else stage(x, valid_hw, 4 * 2 ** i)
       feats.append(x)
     return feats
 
-  def __call__(self, x, pre_logits: bool = False):
+  def __call__(self, x, pre_logits: bool = False, valid_hw=None):
     if self.features_only:
       return [getattr(self, name)(f)
-              for name, f in zip(DENSE_OUTPUT_NORMS, self.forward_features(x))]
+              for name, f in zip(DENSE_OUTPUT_NORMS, self.forward_features(x, valid_hw))]
+    if valid_hw is not None:
+      raise ValueError('valid_hw is for features_only backbones (dense prediction)')
     x = self.head(self.forward_features(x)[-1], pre_logits=pre_logits)
     return x.astype(jnp.float32)
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mambaout_jax.models.mambaout import mask_outside
 from mambaout_jax.models.registry import create_model, register_model
 
 BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
@@ -107,9 +108,26 @@ def adaptive_pool_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
           for i in range(out_size)]
 
 
-def adaptive_avg_pool(x, output_size: int):
-  """`nn.AdaptiveAvgPool2d(output_size)` for NHWC `x` (B, H, W, C) -> (B, s, s, C)."""
+def _dynamic_pool_weights(n: int, size, bins: int):
+  """(bins, n) adaptive-pooling weights over the first `size` (traced) of n positions."""
+  i = jnp.arange(bins)[:, None]
+  k = jnp.arange(n)[None, :]
+  start, end = (i * size) // bins, ((i + 1) * size + bins - 1) // bins
+  return ((k >= start) & (k < end)).astype(jnp.float32) / (end - start).astype(jnp.float32)
+
+
+def adaptive_avg_pool(x, output_size: int, valid_hw=None):
+  """`nn.AdaptiveAvgPool2d(output_size)` for NHWC `x` (B, H, W, C) -> (B, s, s, C).
+
+  `valid_hw` (B, 2): pool each example's top-left valid region only (padded canvases).
+  """
   x32 = x.astype(jnp.float32)
+  if valid_hw is not None:
+    valid_hw = jnp.asarray(valid_hw, jnp.int32)
+    wh = jax.vmap(lambda v: _dynamic_pool_weights(x.shape[1], v, output_size))(valid_hw[:, 0])
+    ww = jax.vmap(lambda v: _dynamic_pool_weights(x.shape[2], v, output_size))(valid_hw[:, 1])
+    y = jnp.einsum('boh,bhwc->bowc', wh, x32, precision='highest')
+    return jnp.einsum('bpw,bowc->bopc', ww, y, precision='highest').astype(x.dtype)
   rows = jnp.stack([x32[:, a:b].mean(axis=1)
                    for a, b in adaptive_pool_bins(x.shape[1], output_size)], axis=1)
   y = jnp.stack([rows[:, :, a:b].mean(axis=2)
@@ -202,21 +220,26 @@ class UPerHead(nnx.Module):
     self.dropout = _dropout2d(dropout, rngs)
     self.conv_seg = _cls_seg(channels, num_classes, **kw)
 
-  def psp_forward(self, x):
+  def psp_forward(self, x, valid=None):
     size = x.shape[1:3]
-    outs = [x] + [resize_bilinear(conv(adaptive_avg_pool(x, s)), size)
+    outs = [x] + [resize_bilinear(conv(adaptive_avg_pool(x, s, valid)), size, out_size=valid)
                   for s, conv in zip(self.pool_scales, self.psp_modules)]
-    return self.bottleneck(jnp.concatenate(outs, axis=-1))
+    return self.bottleneck(mask_outside(jnp.concatenate(outs, axis=-1), valid, 1))
 
-  def __call__(self, feats):
+  def __call__(self, feats, valid=None):
+    """`valid`: per level, (B, 2) valid sizes of padded-canvas features (None: all valid)."""
+    valid = valid or [None] * len(feats)
     laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-    laterals.append(self.psp_forward(feats[-1]))
+    laterals.append(self.psp_forward(feats[-1], valid[-1]))
     for i in range(len(laterals) - 1, 0, -1):  # top-down: each level gets the coarser one added
-      laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
-    outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+      laterals[i - 1] = laterals[i - 1] + resize_bilinear(
+          laterals[i], laterals[i - 1].shape[1:3], in_size=valid[i], out_size=valid[i - 1])
+    outs = [conv(mask_outside(lat, v, 1))
+            for conv, lat, v in zip(self.fpn_convs, laterals, valid)] + [laterals[-1]]
     size = outs[0].shape[1:3]
-    outs = [outs[0]] + [resize_bilinear(o, size) for o in outs[1:]]
-    x = self.fpn_bottleneck(jnp.concatenate(outs, axis=-1))
+    outs = [outs[0]] + [resize_bilinear(o, size, in_size=v, out_size=valid[0])
+                        for o, v in zip(outs[1:], valid[1:])]
+    x = self.fpn_bottleneck(mask_outside(jnp.concatenate(outs, axis=-1), valid[0], 1))
     if self.dropout is not None:
       x = self.dropout(x)
     return self.conv_seg(x)
@@ -232,9 +255,9 @@ class FCNHead(nnx.Module):
     self.dropout = _dropout2d(dropout, rngs)
     self.conv_seg = _cls_seg(channels, num_classes, **kw)
 
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
     for conv in self.convs:
-      x = conv(x)
+      x = conv(mask_outside(x, valid, 1))
     if self.dropout is not None:
       x = self.dropout(x)
     return self.conv_seg(x)
@@ -259,6 +282,7 @@ class UperNet(nnx.Module):
       raise ValueError(f'num_classes must be >= 1 for segmentation, got {num_classes}')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_classes = num_classes
+    self.output_stride = 4  # of the decode head's logits
     self.aux_index = aux_index
     self.backbone = backbone
     self.decode_head = UPerHead(in_channels, channels, num_classes, pool_scales=pool_scales,
@@ -270,15 +294,24 @@ class UperNet(nnx.Module):
     """The backbone's stage outputs (after its output norms), NHWC at strides 4, 8, 16, 32."""
     return self.backbone(x)
 
-  def __call__(self, x, return_aux: bool = False):
-    feats = self.backbone(x)
-    logits = self.decode_head(feats).astype(jnp.float32)
+  def __call__(self, x, return_aux: bool = False, valid_hw=None):
+    """`valid_hw` (B, 2): each image's valid (h, w) at the top-left of a padded canvas `x`; the
+    result on its region (ceil(valid / 4) at 1/4) is then what the unpadded image gives (exact
+    for MambaOut backbones; a Mamba-block backbone's scans still pass over the padding)."""
+    if valid_hw is None:
+      feats, valid = self.backbone(x), None
+    else:
+      feats = self.backbone(x, valid_hw=valid_hw)
+      valid_hw = jnp.asarray(valid_hw, jnp.int32)
+      valid = [(valid_hw + s - 1) // s for s in (4, 8, 16, 32)]
+    logits = self.decode_head(feats, valid).astype(jnp.float32)
     if not return_aux:
       return logits
     if self.auxiliary_head is None:
       raise ValueError('this UperNet was built without an auxiliary head (aux_channels=0); '
                        'call it with return_aux=False')
-    return logits, self.auxiliary_head(feats[self.aux_index]).astype(jnp.float32)
+    aux_valid = None if valid is None else valid[self.aux_index]
+    return logits, self.auxiliary_head(feats[self.aux_index], aux_valid).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,16 +16,18 @@ Padded batches. Images of different sizes are batched on one canvas (B, H, W, 3)
 top-left corner, with `image_sizes` (B, 2) their valid (h, w); `out_sizes` (B, 2) is each image's
 original label size and `out_shape` the static canvas of the output, where example b occupies
 [:out_sizes[b, 0], :out_sizes[b, 1]] (the rest is zero). Exactness against mmseg (which runs one
-unpadded image at a time): `slide` reads only valid pixels as long as each image is at least `crop`
-in both sides (ADE20K resized to (2048, 512) keep-ratio: always, unless an image's aspect ratio
+unpadded image at a time): `whole` passes `valid_hw=image_sizes` to models that take it (UperNet),
+which then compute on each image's region what the unpadded image gives (exact for MambaOut
+backbones; Mamba-block backbones' scans still pass over the padding; a model without `valid_hw`
+sees the padding). `slide` reads only valid pixels as long as each image is at least `crop` in
+both sides (ADE20K resized to (2048, 512) keep-ratio: always, unless an image's aspect ratio
 exceeds 4); a smaller image's window also covers padding, where mmseg's window shrinks to the
-image. `whole` on a padded canvas lets the padding into the model's receptive field (convolutions
-near the border, the global pyramid pooling): exact only when the canvas is the image
-(`image_sizes=None`). Multi-scale rescales the given (1.0-scale) images on device, where mmseg
-rescales the original file (cv2) for each ratio.
+image. Multi-scale rescales the given (1.0-scale) images on device, where mmseg rescales the
+original file (cv2) for each ratio.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import jax
@@ -49,10 +51,27 @@ def _logits_at_input_size(graphdef, state, x):
   return resize_bilinear(nnx.merge(graphdef, state)(x).astype(jnp.float32), x.shape[1:3])
 
 
-def whole_logits(model, images):
-  """(B, H, W, K) logits of the whole canvas, resized to it."""
-  graphdef, state = nnx.split(model)
-  return _logits_at_input_size(graphdef, state, images)
+def takes_valid_hw(model) -> bool:
+  """Whether `model(x, valid_hw=...)` restricts itself to each image's region of a padded canvas."""
+  return 'valid_hw' in inspect.signature(type(model).__call__).parameters
+
+
+def whole_logits(model, images, image_sizes=None):
+  """(B, H, W, K) logits of the whole canvas, resized to it.
+
+  With `image_sizes` and a model that takes `valid_hw` (UperNet), each image's logits are what
+  its unpadded run gives (mmseg's encode_decode on the image alone): the model sees only the
+  image region, and its logits (ceil(size / s) at `model.output_stride` s) are resized to
+  `image_sizes`.
+  """
+  if image_sizes is None or not takes_valid_hw(model):
+    graphdef, state = nnx.split(model)
+    return _logits_at_input_size(graphdef, state, images)
+  image_sizes = jnp.asarray(image_sizes, jnp.int32)
+  logits = model(images, valid_hw=image_sizes).astype(jnp.float32)
+  stride = model.output_stride
+  return resize_bilinear(logits, images.shape[1:3], in_size=(image_sizes + stride - 1) // stride,
+                         out_size=image_sizes)
 
 
 def slide_logits(model, images, *, crop: int = 512, stride: int = 341, image_sizes=None):
@@ -162,7 +181,7 @@ def predict_probs(model, images, *, mode: str = 'whole', crop: int = 512, stride
     for flipped in ((False, True) if flip else (False,)):
       xi = flip_valid(x, sizes[:, 1]) if flipped else x
       if mode == 'whole':
-        logits = whole_logits(model, xi)
+        logits = whole_logits(model, xi, sizes)
       else:
         logits = slide_logits(model, xi, crop=crop, stride=stride, image_sizes=sizes)
       logits = resize_bilinear(logits, out_shape, in_size=sizes, out_size=out_sizes)
