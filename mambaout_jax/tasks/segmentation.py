@@ -17,7 +17,7 @@ import numpy as np
 
 from mambaout_jax import seg_metrics
 from mambaout_jax.data import digit_scenes
-from mambaout_jax.tasks import Task
+from mambaout_jax.tasks import Task, constructor_keywords
 
 IGNORE_INDEX = seg_metrics.IGNORE_INDEX
 
@@ -73,21 +73,31 @@ class SegmentationTask(Task):
   best_metric = 'eval/mIoU'
 
   def __init__(self, config=None):
-    self.config = config
-    self.num_classes = None
+    super().__init__(config)
+    self.num_classes = None      # set by dataset_info (the trainer calls it first)
     self.class_names = ()
 
   # ---------------------------------------------------------------------- dataset and model
   def dataset_info(self, config):
     from mambaout_jax.data import seg_pipeline
     info = seg_pipeline.get_dataset_info(config)
-    self.num_classes = info.num_classes
+    self.num_classes = config.dataset.get('num_classes', 0) or info.num_classes
     self.class_names = (digit_scenes.CLASS_NAMES if config.dataset.name == digit_scenes.NAME
                         else seg_pipeline.class_names(config))
     return info
 
   def model_kwargs(self, config, num_classes):
-    return {'num_classes': num_classes}
+    from mambaout_jax.models.upernet import UPERNET_VARIANTS
+    kwargs = {'num_classes': num_classes}
+    backbone = UPERNET_VARIANTS.get(config.model.name, {}).get('backbone')
+    accepted = constructor_keywords(backbone) if backbone else {}
+    if 'scan_order' in accepted:  # Mamba-block backbones: resolved to the variant's default
+      kwargs['scan_order'] = config.model.get('scan_order') or accepted['scan_order']
+    elif config.model.get('scan_order'):
+      raise ValueError(f'config.model.scan_order={config.model.scan_order!r} does not apply to '
+                       f'{config.model.name} (its backbone has no SSM); set '
+                       '--config.model.scan_order=""')
+    return kwargs
 
   # ---------------------------------------------------------------------------------- data
   def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
@@ -103,19 +113,24 @@ class SegmentationTask(Task):
   # ---------------------------------------------------------------------------------- loss
   def train_loss(self, model, batch, key, *, config, num_classes):
     del key, num_classes  # no task-level randomness (augmentation happens in the input pipeline)
-    outputs = model(batch['image'])
-    loss, parts = segmentation_loss(outputs, batch['label'],
-                                    aux_weight=config.seg.aux_loss_weight)
-    return loss, parts
+    aux_weight = config.seg.aux_loss_weight
+    outputs = model(batch['image'], return_aux=bool(aux_weight))
+    return segmentation_loss(outputs, batch['label'], aux_weight=aux_weight)
 
   # ---------------------------------------------------------------------------------- eval
   def eval_sums(self, model, batch):
     from mambaout_jax.tasks import seg_inference
-    pred = seg_inference.predict(model, batch, self.config)
-    return seg_metrics.pixel_sums(pred, batch['label'], batch['mask'], self.num_classes)
+    pred = seg_inference.predict(model, batch, self.config)   # -1 beyond each label's size
+    sums = seg_metrics.pixel_sums(pred, batch['label'], batch['mask'], self.num_classes)
+    if 'undecodable' in batch:  # validation pairs the pipeline could not use (masked out)
+      sums['num_undecodable'] = jnp.sum(batch['undecodable'].astype(jnp.int32))
+    return sums
 
   def eval_metrics(self, sums):
-    return seg_metrics.metrics_from_sums(sums)
+    metrics = seg_metrics.metrics_from_sums(sums)
+    if 'num_undecodable' in sums:
+      metrics['num_undecodable'] = int(np.asarray(sums['num_undecodable']))
+    return metrics
 
   def write_eval_report(self, sums, *, workdir, step):
     from absl import logging
@@ -126,12 +141,15 @@ class SegmentationTask(Task):
 
   # ---------------------------------------------------------------------------------- init
   def init_params_from(self, config, params):
-    """config.init_from -> params['backbone'] (ImageNet classification weights; head keys of the
-    source dropped, every backbone key required); the UperNet head keeps its fresh init."""
-    if not config.get('init_from'):
-      return params
+    """config.init_from -> params['backbone'] (ImageNet classification weights: the source's head
+    dropped, every backbone key required except the new output norms norm0..3); the UperNet
+    heads keep their fresh initialisation."""
     from mambaout_jax import pretrained
-    backbone_variant = config.model.name.removeprefix('upernet_')
+    from mambaout_jax.models.upernet import UPERNET_VARIANTS
+    if config.model.name not in UPERNET_VARIANTS:
+      raise ValueError(f'config.model.name={config.model.name!r} is not a segmentation model; '
+                       f'choose one of {", ".join(sorted(UPERNET_VARIANTS))}')
     backbone = pretrained.init_params(config.init_from, params['backbone'],
-                                      variant=backbone_variant, backbone_only=True)
+                                      variant=UPERNET_VARIANTS[config.model.name]['backbone'],
+                                      backbone_only=True)
     return {**params, 'backbone': backbone}
