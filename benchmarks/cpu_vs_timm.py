@@ -4,7 +4,7 @@
 
 Both sides: same architecture at 224², batch 16, float32. Forward = inference logits; train step =
 cross-entropy + backward + AdamW update (optax.adamw vs torch.optim.AdamW). Prints images/s and the
-ratio ours / timm (> 1 means we are faster). Targets (issue 2): forward >= 1.5x, train step >= 1.0x.
+ratio ours / timm (> 1 means we are faster). Targets: forward >= 1.5x, train step >= 1.0x.
 Also times our depthwise-conv formulations against each other, so the per-backend choice is
 visible. Run it on an otherwise idle machine: both frameworks use all cores.
 """
