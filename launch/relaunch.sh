@@ -16,7 +16,8 @@ Looks at the slice once (or every SECONDS with --watch) and does what the run ne
   slice READY / ACTIVE, trainer finished (exit 0)        nothing more; --watch stops
   slice READY / ACTIVE, trainer stopped or failed        launch/stop.sh, then launch/run.sh
   slice PREEMPTED / SUSPENDED / FAILED / gone             launch/delete.sh, create.sh, setup.sh,
-                                                         run.sh
+    (gone: describe says NOT_FOUND)                      run.sh
+  describe failed otherwise (credentials, network, 5xx)  nothing; --watch asks again, else exit 1
   slice being created or waiting in the queue            wait
 launch/run.sh with the same --workdir resumes from the newest checkpoint, so a preemption costs
 the steps since the last checkpoint plus the time to get a new slice.
@@ -93,20 +94,34 @@ recreate() {
   return 1
 }
 
+# The slice's state, MISSING only when gcloud says NOT_FOUND, UNKNOWN when describe failed for any
+# other reason (expired credentials, network, an API error): a healthy slice must not be deleted
+# because the question could not be asked.
 slice_state() {
-  local state
+  local state err rc=0
+  err="$(mktemp "${TMPDIR:-/tmp}/relaunch_describe_XXXXXX")"
   if ((QUEUED)); then
     state="$(gcloud_run compute tpus queued-resources describe "$NAME" "--zone=$ZONE" \
-      '--format=value(state.state)' 2>/dev/null)" || state=MISSING
+      '--format=value(state.state)' 2>"$err")" || rc=$?
   else
     state="$(gcloud_run compute tpus tpu-vm describe "$NAME" "--zone=$ZONE" \
-      '--format=value(state)' 2>/dev/null)" || state=MISSING
+      '--format=value(state)' 2>"$err")" || rc=$?
   fi
-  echo "${state:-MISSING}"
+  if ((rc != 0)); then
+    if grep -q 'NOT_FOUND' "$err"; then
+      state=MISSING
+    else
+      echo "$PROG: could not read the state of $NAME (gcloud exited with status $rc): $(tail -n 1 "$err")" >&2
+      state=UNKNOWN
+    fi
+  fi
+  rm -f "$err"
+  echo "${state:-UNKNOWN}"
 }
 
 # One check: returns 0 when the trainer has finished, 1 when it runs or is being brought back, and
-# 3 when a step failed (e.g. no capacity for a new slice: a later check tries again).
+# 3 when a step failed (e.g. no capacity for a new slice) or the state could not be read: a later
+# check tries again.
 check_once() {
   local state status hosts running done_ok
   state="$(slice_state)"
@@ -137,6 +152,10 @@ check_once() {
       echo "$PROG: recreating the slice" >&2
       recreate
       return $?
+      ;;
+    UNKNOWN)
+      echo "$PROG: leaving the slice alone; a later check asks again" >&2
+      return 3
       ;;
     *) echo "$PROG: waiting (state $state)" >&2 ;;
   esac

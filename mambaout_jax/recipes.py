@@ -2,7 +2,7 @@
 
 `base_config()` holds every key with a neutral default (so `--config.KEY=VALUE` can override any of
 them and an unknown key is refused); `imagenet_recipe(model)` is the paper's ImageNet-1k recipe
-(official scripts on timm 0.6.11, see DESIGN.md).
+(the official training scripts, on timm 0.6.11).
 """
 from __future__ import annotations
 

@@ -603,6 +603,10 @@ def fake_cloud(tmp_path):
       with open({str(record)!r}, 'a') as f:
         f.write(json.dumps(args) + '\\n')
       if 'describe' in args:
+        with open({str(record)!r}) as f:
+          describes = sum('describe' in json.loads(line) for line in f)
+        if describes <= int(os.environ.get('FAKE_DESCRIBE_ERRORS', '0')):
+          sys.exit(os.environ['FAKE_DESCRIBE_ERROR'])  # to stderr, status 1
         state = os.environ['FAKE_STATE']
         if 'queued-resources' in args:
           state = os.environ.get('FAKE_QR_STATE', state)
@@ -618,10 +622,10 @@ def fake_cloud(tmp_path):
     return clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_STATE=state, FAKE_STATUS=status,
                      TMPDIR=str(tmp_path), **extra)
 
-  def relaunch(root, state, status='', *extra):
+  def relaunch(root, state, status='', *extra, **env_extra):
     if record.exists():
       record.unlink()
-    env = make_env(state, status)
+    env = make_env(state, status, **env_extra)
     p = script(root, 'relaunch', *COMMON, *extra, *RELAUNCH, env=env, check=False)
     calls = [json.loads(l) for l in record.read_text().splitlines()] if record.exists() else []
     # Name each call by what it does: 'tpu-vm create', 'ssh worker.sh status', ...
@@ -667,6 +671,42 @@ def test_relaunch_stops_when_training_finished(root, fake_cloud):
   p, names, _ = fake_cloud(root, 'READY', status, '--watch=5')
   assert p.returncode == 0 and 'finished on every host' in p.stderr
   assert names == ['tpu-vm describe', 'ssh status']
+
+
+def test_relaunch_recreates_a_slice_that_is_not_found(root, fake_cloud):
+  p, names, _ = fake_cloud(root, 'MISSING')
+  assert p.returncode == 0, p.stderr
+  assert names[:3] == ['tpu-vm describe', 'tpu-vm delete', 'tpu-vm create']
+
+
+DESCRIBE_ERRORS = {  # gcloud's messages for errors that say nothing about the slice
+    'expired credentials': 'ERROR: (gcloud.compute.tpus.tpu-vm.describe) There was a problem '
+                           'refreshing your current auth tokens: Reauthentication failed.',
+    'network': 'ERROR: gcloud crashed (ConnectionError): HTTPSConnectionPool(host='
+               "'tpu.googleapis.com', port=443): Max retries exceeded",
+    'API 5xx': 'ERROR: (gcloud.compute.tpus.tpu-vm.describe) UNAVAILABLE: The service is '
+               'currently unavailable.',
+}
+
+
+@pytest.mark.parametrize('error', DESCRIBE_ERRORS, ids=list(DESCRIBE_ERRORS))
+def test_relaunch_leaves_the_slice_alone_when_describe_fails(root, fake_cloud, error):
+  """Only NOT_FOUND means the slice is gone; any other describe error touches nothing."""
+  p, names, _ = fake_cloud(root, 'READY', '', FAKE_DESCRIBE_ERRORS='1',
+                           FAKE_DESCRIBE_ERROR=DESCRIBE_ERRORS[error])
+  assert p.returncode == 1
+  assert names == ['tpu-vm describe']
+  assert 'could not read the state of mo-pod' in p.stderr and 'leaving the slice alone' in p.stderr
+  assert DESCRIBE_ERRORS[error][-20:] in p.stderr
+
+
+def test_relaunch_watch_asks_again_after_a_describe_error(root, fake_cloud):
+  status = 'w0: exited with status 0; last log line: done|w1: exited with status 0; last log line: x'
+  p, names, _ = fake_cloud(root, 'READY', status, '--watch=1', FAKE_DESCRIBE_ERRORS='2',
+                           FAKE_DESCRIBE_ERROR=DESCRIBE_ERRORS['expired credentials'])
+  assert p.returncode == 0, p.stderr
+  assert names == ['tpu-vm describe'] * 3 + ['ssh status']
+  assert p.stderr.count('trying again in 1s') == 2
 
 
 def test_relaunch_requeues_a_suspended_queued_resource(root, fake_cloud):

@@ -160,7 +160,7 @@ def test_gradients_match_timm_train_step():
                                err_msg=name)
 
 
-TABLE = {  # DESIGN.md: params (M), MACs (G) at 224², as printed in the paper (rounded)
+TABLE = {  # the paper's table: params (M), MACs (G) at 224², as printed (rounded)
     'mambaout_femto': (7.3, 1.2), 'mambaout_kobe': (9.1, 1.5), 'mambaout_tiny': (26.5, 4.5),
     'mambaout_small': (48.5, 9.0), 'mambaout_base': (84.8, 15.8)}
 

@@ -1,8 +1,9 @@
 """Small layers shared by the model families: PyTorch-equivalent LayerNorm/GELU,
 layer scale, and a depthwise convolution whose formulation is chosen per backend.
 
-Depthwise convolution on XLA:CPU is ~60x slower as a grouped `conv_general_dilated` than the same
-op written as k*k shifted multiply-adds (DESIGN.md, "This environment, measured"). On TPU/GPU the
+Depthwise convolution on XLA:CPU is far slower as a grouped `conv_general_dilated` than the same
+op written as k*k shifted multiply-adds (`benchmarks/cpu_vs_timm.py` times the models with both
+formulations). On TPU/GPU the
 grouped convolution is the fast, well-trodden path. `depthwise_conv2d(..., impl='auto')` picks per
 backend; both formulations compute the same cross-correlation as `torch.nn.Conv2d(groups=C)`, and the
 shifted one carries a custom VJP whose input gradient is again a shifted correlation (with the
