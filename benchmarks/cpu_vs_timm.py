@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-ENV_PREFIXES = ('OMP_', 'OPENBLAS_', 'MKL_', 'KMP_', 'GOMP_', 'XLA_', 'TF_', 'JAX_',
+ENV_PREFIXES = ('OMP_', 'OPENBLAS_', 'MKL_', 'KMP_', 'GOMP_', 'XLA_', 'TF_CPP', 'TF_XLA', 'JAX_',
                 'TORCH_', 'ONEDNN_', 'DNNL_')
 
 

@@ -121,6 +121,8 @@ def _fusion_category(body: str) -> str:
                    ('gather(', 'gather')):
     if op in body:
       return name + ' fusion'
+  if body.count(' slice(') >= 9 and ' multiply(' in body:
+    return 'shifted multiply-add fusion (CPU depthwise conv)'  # layers._shift_correlate
   ops = set(re.findall(r'= [^ ]+ ([a-z-]+)\(', body)) - _FREE
   if ops and ops <= {'copy', 'transpose', 'slice', 'concatenate', 'pad', 'reshape', 'broadcast',
                      'dynamic-slice'}:
