@@ -10,13 +10,24 @@ devices and compiled by libtpu; no TPU is needed. Reported per device: argument,
 and total memory (the compiled program's `memory_analysis()`), whether it fits the device's HBM
 (a chip's HBM, shared by its devices where libtpu lists one per TensorCore, as for v4), and the
 FLOPs of one step (XLA's `cost_analysis()`; per device and over the slice) and per image.
+
+Roofline: with the bytes the step reads and writes in HBM (`cost_analysis()['bytes accessed']`)
+and the chip's peak bf16 FLOP/s and HBM bandwidth (`PEAK`), one step cannot take less than
+max(FLOPs / peak, bytes / bandwidth) per device. That bound gives a ceiling on images/s per chip
+and on MFU (model FLOPs utilisation: FLOPs / peak over the bound), and says whether the step is
+compute- or memory-bound. `hlo_bytes_by_category` splits the HBM traffic of the compiled module by
+HLO op category (matmul, convolution, reduction, elementwise fusions, copies, collectives...), so
+the table shows which kind of op a memory-bound step spends its bytes on. Bounds, not predictions:
+a real step also pays for collectives, pipeline bubbles and imperfect overlap.
 Exit status 1 when the step does not fit: lower `--config.batch_size` or raise
 `--config.grad_accum_steps`, or shard parameters with `--config.mesh="(('data',-1),('fsdp',4))"`.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import sys
 import time
 
@@ -38,6 +49,149 @@ GIB = 2 ** 30
 HBM_BYTES = {'TPU v2': 16 * GIB, 'TPU v3': 32 * GIB, 'TPU v4': 32 * GIB, 'TPU v4 lite': 8 * GIB,
              'TPU v5 lite': 16 * GIB, 'TPU v5e': 16 * GIB, 'TPU v5': 95 * GIB, 'TPU v5p': 95 * GIB,
              'TPU v6 lite': 32 * GIB, 'TPU v6e': 32 * GIB}
+
+
+# Peak dense bf16 FLOP/s and HBM bandwidth (bytes/s) per chip, from the Google Cloud TPU docs'
+# system architecture pages (cloud.google.com/tpu/docs/<version>, "key chip specifications"):
+#   v2: 45 TFLOPs, 600 GB/s (tpu/docs/v2);   v3: 123 TFLOPs, 900 GB/s (tpu/docs/v3);
+#   v4: 275 TFLOPs, 1200 GB/s (tpu/docs/v4); v5e: 197 TFLOPs, 819 GB/s (tpu/docs/v5e);
+#   v5p: 459 TFLOPs, 2765 GB/s (tpu/docs/v5p); v6e (Trillium): 918 TFLOPs, 1640 GB/s (tpu/docs/v6e).
+# A chip that libtpu lists as several devices (one per TensorCore) shares these between them.
+_V5E, _V6E = (197e12, 819e9), (918e12, 1640e9)
+PEAK = {'TPU v2': (45e12, 600e9), 'TPU v3': (123e12, 900e9), 'TPU v4': (275e12, 1200e9),
+        'TPU v5 lite': _V5E, 'TPU v5e': _V5E, 'TPU v5': (459e12, 2765e9),
+        'TPU v5p': (459e12, 2765e9), 'TPU v6 lite': _V6E, 'TPU v6e': _V6E}
+
+
+def roofline(flops: float, bytes_accessed: float, peak_flops: float, bandwidth: float,
+             images_per_device: float, devices_per_chip: int = 1) -> dict:
+  """Lower bound on one step's time per device, and the ceilings it implies."""
+  compute_s, memory_s = flops / peak_flops, bytes_accessed / bandwidth
+  seconds = max(compute_s, memory_s)
+  return {'compute_seconds': compute_s, 'memory_seconds': memory_s, 'roofline_seconds': seconds,
+          'bound': 'compute' if compute_s >= memory_s else 'memory',
+          'arithmetic_intensity': flops / bytes_accessed if bytes_accessed else float('inf'),
+          'ridge_intensity': peak_flops / bandwidth,
+          'images_per_second_per_chip_ceiling': images_per_device * devices_per_chip / seconds,
+          'mfu_ceiling': compute_s / seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# HBM traffic by HLO op category, from the compiled module's text.
+
+_SHAPE = re.compile(r'\b(pred|[suf](?:4|8|16|32|64)|bf16|c64|c128|f8e\w+)\[([\d,]*)\]')
+_BYTES = {'pred': 1, 'bf16': 2, 'c64': 8, 'c128': 16}
+_FREE = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
+         'partition-id', 'replica-id', 'opt-barrier', 'iota'}
+_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def _shape_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    n = 1
+    for d in filter(None, dims.split(',')):
+      n *= int(d)
+    if dtype in _BYTES:
+      total += n * _BYTES[dtype]
+    else:  # s32 -> 4; sub-byte and fp8 types -> 1
+      total += n * (1 if dtype.startswith('f8') else max(int(dtype[1:]) // 8, 1))
+  return total
+
+
+def _conv_category(line: str) -> str:
+  """TPU compilers write many matmuls as convolutions: a window larger than 1 is a real conv."""
+  if re.search(r'feature_group_count=(?!1\b)\d+', line):
+    return 'depthwise/grouped convolution'
+  window = re.search(r'window=\{size=([\dx]+)', line)
+  if window and any(int(d) > 1 for d in window.group(1).split('x')):
+    return 'convolution'
+  return 'matmul (dot)'
+
+
+def _fusion_category(body: str) -> str:
+  convs = [line for line in body.splitlines() if ' convolution(' in line]
+  if convs:
+    kinds = {_conv_category(c) for c in convs}
+    return next(k for k in ('depthwise/grouped convolution', 'convolution', 'matmul (dot)')
+                if k in kinds) + ' fusion'
+  for op, name in ((' dot(', 'matmul (dot)'),
+                   ('scatter(', 'scatter'), ('reduce-window(', 'reduce-window'),
+                   ('reduce(', 'reduction'), ('dynamic-update-slice(', 'dynamic-update-slice'),
+                   ('gather(', 'gather')):
+    if op in body:
+      return name + ' fusion'
+  ops = set(re.findall(r'= [^ ]+ ([a-z-]+)\(', body)) - _FREE
+  if ops and ops <= {'copy', 'transpose', 'slice', 'concatenate', 'pad', 'reshape', 'broadcast',
+                     'dynamic-slice'}:
+    return 'data movement fusion (copy/transpose/slice/pad)'
+  return 'elementwise fusion'
+
+
+def hlo_instructions(hlo_text: str) -> list[tuple[str, str, float]]:
+  """(name, op category, bytes read + written x executions) per executed top-level instruction.
+
+  Counts the operand and result shapes of every top-level instruction of a compiled module's text
+  (a fusion's intermediates stay on chip), multiplying while-loop bodies by their known trip
+  count: an estimate of cost_analysis()'s 'bytes accessed' that can be split by category.
+  """
+  comps, current, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    if not line.startswith(' ') and line.rstrip().endswith('{'):
+      current = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      comps[current] = []
+      entry = current if line.startswith('ENTRY') else entry
+    elif current is not None and line.startswith(' ') and ' = ' in line:
+      comps[current].append(line.split(', metadata=')[0])
+  bodies = {name: '\n'.join(lines) for name, lines in comps.items()}
+  out = []
+
+  def visit(comp, scale, depth):
+    for line in comps.get(comp, []):
+      m = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z-]+)\((.*)', line)
+      if not m or m.group(3) in _FREE:
+        continue
+      name, opcode = m.group(1), m.group(3)
+      if opcode == 'while' and depth < 8:
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        body = re.search(r'body=%?([\w.-]+)', line)
+        if body:
+          visit(body.group(1), scale * (int(trip.group(1)) if trip else 1), depth + 1)
+        continue
+      if opcode in ('call', 'conditional') and depth < 8:
+        for callee in re.findall(r'(?:to_apply=|calls=|branch_computations=\{)%?([\w.-]+)', line):
+          visit(callee, scale, depth + 1)
+        continue
+      if opcode.endswith('-done'):  # async pair: counted at its -start
+        continue
+      if opcode == 'fusion':
+        callee = re.search(r'calls=%?([\w.-]+)', line)
+        category = _fusion_category(bodies.get(callee.group(1), '') if callee else '')
+      elif opcode.startswith(_COLLECTIVES):
+        category = f"collective ({opcode.replace('-start', '')})"
+      elif opcode == 'convolution':
+        category = _conv_category(line)
+      elif opcode == 'dot':
+        category = 'matmul (dot)'
+      else:
+        category = opcode
+      operand_bytes = _shape_bytes(m.group(4).split('), ')[0])
+      if opcode.endswith('-start'):  # result is a (source, destination, context) tuple
+        category, nbytes = category.replace('copy-start', 'copy'), 2 * operand_bytes
+      else:
+        nbytes = _shape_bytes(m.group(2)) + operand_bytes
+      out.append((name, category, scale * nbytes))
+
+  visit(entry, 1.0, 0)
+  return out
+
+
+def hlo_bytes_by_category(hlo_text: str) -> dict[str, float]:
+  """Estimated HBM bytes per HLO op category over one execution of the module, largest first."""
+  acc = collections.Counter()
+  for _, category, nbytes in hlo_instructions(hlo_text):
+    acc[category] += nbytes
+  return dict(acc.most_common())
 
 
 def tpu_devices(topology: str):
@@ -98,6 +252,10 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
            + memory.generated_code_size_in_bytes)
   hbm = HBM_BYTES[kind] // devices_per_chip if kind in HBM_BYTES else None
   flops_per_device = float(cost.get('flops', float('nan')))
+  bytes_per_device = float(cost.get('bytes accessed', float('nan')))
+  peak_flops, bandwidth = (x / devices_per_chip for x in PEAK.get(kind, (float('nan'),) * 2))
+  by_category = hlo_bytes_by_category(compiled.as_text())
+  by_category_total = sum(by_category.values())
   num_params = sum(x.size for x in jax.tree.leaves(fns.abstract_state['params']))
   return {
       'model': config.model.name, 'topology': topology, 'device_kind': kind,
@@ -115,6 +273,14 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
       'flops_per_step_per_device': flops_per_device,
       'flops_per_step': flops_per_device * len(devices),
       'flops_per_image': flops_per_device * len(devices) / config.batch_size,
+      'bytes_accessed_per_device': bytes_per_device,
+      'peak_flops_per_device': peak_flops,
+      'hbm_bandwidth_per_device': bandwidth,
+      **roofline(flops_per_device, bytes_per_device, peak_flops, bandwidth,
+                 config.batch_size / len(devices), devices_per_chip),
+      # Share of the module's HBM traffic (estimated from its HLO) per op category, largest first.
+      'hlo_bytes_estimate_per_device': by_category_total,
+      'hbm_bytes_share_by_category': {k: v / by_category_total for k, v in by_category.items()},
       'compile_seconds': compile_s,
   }
 
@@ -131,6 +297,16 @@ def format_report(r: dict) -> str:
       f"total {r['total_gib']:.2f} GiB of {hbm} GiB HBM -> fits: {fits}",
       f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_step_per_device']:.4g} per device), "
       f"per image {r['flops_per_image'] / 1e9:.4g} GFLOP (forward + backward + update)",
+      f"  roofline per device: {r['bytes_accessed_per_device'] / 1e9:.3g} GB accessed at "
+      f"{r['hbm_bandwidth_per_device'] / 1e9:.0f} GB/s = {r['memory_seconds'] * 1e3:.2f} ms, "
+      f"{r['flops_per_step_per_device'] / 1e12:.3g} TFLOP at "
+      f"{r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s bf16 = {r['compute_seconds'] * 1e3:.2f} ms"
+      f" -> {r['bound']}-bound, step >= {r['roofline_seconds'] * 1e3:.2f} ms, "
+      f"<= {r['images_per_second_per_chip_ceiling']:.0f} img/s per chip, "
+      f"MFU <= {r['mfu_ceiling']:.0%} (intensity {r['arithmetic_intensity']:.0f} FLOP/byte, "
+      f"ridge {r['ridge_intensity']:.0f})",
+      '  HBM traffic by HLO op category: ' + ', '.join(
+          f'{k} {v:.0%}' for k, v in list(r['hbm_bytes_share_by_category'].items())[:6]),
       f"  compiled in {r['compile_seconds']:.0f}s"])
 
 

@@ -2,14 +2,18 @@
 
     python -m mambaout_jax.convert --variant=mambaout_femto --src=mambaout_femto.pth --out=/tmp/femto
     python -m mambaout_jax.convert --variant=mambaout_tiny --src=model.safetensors --out=/tmp/tiny
+    python -m mambaout_jax.convert --variant=mambaout_tiny --src=hf-hub:timm/mambaout_tiny.in1k \
+        --out=/tmp/tiny
 
 Accepted key layouts:
   official (yuweihao/MambaOut): downsample_layers.0.* (stem), downsample_layers.i.*, stages.i.j.*,
                                 norm.*, head.fc1/norm/fc2.*
   timm:                         stem.*, stages.i.downsample.*, stages.i.blocks.j.*, head.*
-`.safetensors` needs no torch; `.pth`/`.pt`/`.bin` imports torch lazily. A checkpoint that does not fit
-the variant is refused with the first offending key and both shapes; `--reset_head` keeps a freshly
-initialised classifier when `--num_classes` differs from the checkpoint's.
+`.safetensors` needs no torch; `.pth`/`.pt`/`.bin` imports torch lazily and is read with
+`weights_only=True` (tensors only: nothing else is unpickled). `--src` may be a gs:// path or a
+timm Hub name (`hf-hub:timm/<tag>`, see `python -m mambaout_jax.pretrained`). A checkpoint that
+does not fit the variant is refused with the first offending key and both shapes; `--reset_head`
+keeps a freshly initialised classifier when `--num_classes` differs from the checkpoint's.
 """
 from __future__ import annotations
 
@@ -21,9 +25,13 @@ import numpy as np
 
 from mambaout_jax.params import assign_params, check_params_match, flat_params, path_str
 
+class CheckpointFitError(ValueError):
+  """A checkpoint that cannot be used for the model: a key missing, unexpected or of another
+  shape, weights of another variant, or a Hub name that does not exist."""
+
+
 # Our parameter leaf names -> PyTorch's.
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'gamma': 'gamma'}
-HEAD_KEYS = ('head.fc.weight', 'head.fc.bias')
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -76,7 +84,7 @@ def natural_key(key: str):
 
 
 def torch_key(path: tuple) -> str:
-  return '.'.join(str(p) for p in path[:-1]) + '.' + _LEAF_TO_TORCH[path[-1]]
+  return '.'.join(str(p) for p in path[:-1]) + '.' + _LEAF_TO_TORCH.get(path[-1], path[-1])
 
 
 def to_jax_layout(v: np.ndarray) -> np.ndarray:
@@ -96,34 +104,90 @@ def to_torch_layout(v: np.ndarray) -> np.ndarray:
   return v
 
 
-def params_from_state_dict(sd: dict[str, np.ndarray], model, *, variant: str, source: str,
-                           reset_head: bool = False) -> dict[tuple, Any]:
-  """Maps a timm/official state dict onto `model`'s parameter paths, checking every key and shape."""
-  sd = official_to_timm(sd)
-  expected = flat_params(model)
-  by_torch = {torch_key(p): p for p in expected}
-  for k in sorted(sd, key=natural_key):
-    if k not in by_torch and not (reset_head and k in HEAD_KEYS):
-      raise ValueError(f'{source} does not fit {variant}: unexpected key {k!r} (shape '
-                       f'{tuple(sd[k].shape)}); is it a checkpoint of another variant?')
+def torch_shape(shape: tuple) -> tuple:
+  """The PyTorch layout of a parameter shape (the inverse of to_jax_layout)."""
+  shape = tuple(shape)
+  if len(shape) == 2:
+    return shape[::-1]
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape
+
+
+# The final classifier's parameters (MambaOut / Mamba-block models; ViT) in our path layout.
+CLASSIFIER_PATHS = (('head', 'fc', 'kernel'), ('head', 'fc', 'bias'),
+                    ('head', 'kernel'), ('head', 'bias'))
+HEAD_MODES = ('load', 'reset', 'fit', 'drop')
+
+
+def map_params(source: dict[str, np.ndarray], expected: dict[tuple, Any], *, name_of,
+               variant: str, source_name: str, head: str = 'load', to_model=lambda v: v,
+               shape_in_source=lambda s: tuple(s), classes_hint: str = '',
+               keep_fresh: tuple[str, ...] = ()) -> dict[tuple, Any]:
+  """Takes every parameter of `expected` ({path: array}) from `source` ({name: array}).
+
+  `name_of(path)` is a parameter's name in the source, `to_model` turns a source array into our
+  layout and `shape_in_source` a shape of ours into the source's (for messages). `head` says what
+  happens to the final classifier (CLASSIFIER_PATHS):
+    'load'   it must fit like every other parameter (`classes_hint` is added to the message when
+             only the number of classes differs);
+    'reset'  always the fresh one from `expected`; the source's classifier is ignored;
+    'fit'    the source's when the shapes agree, else the fresh one;
+    'drop'   every source key under `head.` is dropped (a backbone without a head).
+  Parameters under a top-level name in `keep_fresh` that the source lacks keep `expected`'s value
+  (a dense-task backbone's output norms, which classification checkpoints do not have).
+  Any other missing, unexpected or mis-shaped key: ValueError naming the first one, in model order.
+  """
+  if head not in HEAD_MODES:
+    raise ValueError(f'unknown head mode {head!r}; choose one of {HEAD_MODES}')
+  classifier = {name_of(p) for p in CLASSIFIER_PATHS if p in expected}
+  if head == 'drop':
+    source = {k: v for k, v in source.items() if not k.startswith('head.')}
+  by_name = {name_of(p): p for p in expected}
+  ignored = classifier if head == 'reset' else set()
+  for k in sorted(source, key=natural_key):
+    if k not in by_name and k not in ignored:
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: unexpected key {k!r} (shape '
+                       f'{tuple(np.shape(source[k]))}); is it a checkpoint of another variant?')
   params = {}
-  for k, path in sorted(by_torch.items(), key=lambda kv: natural_key(kv[0])):
-    want = tuple(expected[path].shape)
-    if reset_head and k in HEAD_KEYS:
+  for k, path in sorted(by_name.items(), key=lambda kv: natural_key(kv[0])):
+    want = tuple(np.shape(expected[path]))
+    if k in classifier and (head == 'reset' or (
+        head == 'fit' and k in source and tuple(np.shape(to_model(source[k]))) != want)):
       params[path] = np.asarray(expected[path])
       continue
-    if k not in sd:
-      raise ValueError(f'{source} does not fit {variant}: missing key {k!r} (expected shape '
-                       f'{tuple(to_torch_layout(np.empty(want)).shape)})')
-    v = to_jax_layout(sd[k])
+    if k not in source and path[0] in keep_fresh:
+      params[path] = np.asarray(expected[path])
+      continue
+    if k not in source:
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: missing key {k!r} (expected '
+                       f'shape {shape_in_source(want)})')
+    v = to_model(np.asarray(source[k]))
     if v.shape != want:
-      other_classes = k in HEAD_KEYS and v.shape[:-1] == want[:-1]
-      hint = (' (a different number of classes: pass --num_classes and --reset_head)'
-              if other_classes else '')
-      raise ValueError(f'{source} does not fit {variant}: key {k!r} has shape {tuple(sd[k].shape)} '
-                       f'but {variant} expects {tuple(to_torch_layout(np.empty(want)).shape)}{hint}')
-    params[path] = v.astype(np.float32)
+      other_classes = k in classifier and v.shape[:-1] == want[:-1]
+      hint = f' ({classes_hint})' if other_classes and classes_hint else ''
+      raise CheckpointFitError(f'{source_name} does not fit {variant}: key {k!r} has shape '
+                       f'{tuple(np.shape(source[k]))} but {variant} expects '
+                       f'{shape_in_source(want)}{hint}')
+    params[path] = v.astype(getattr(expected[path], 'dtype', np.float32))
   return params
+
+
+def params_from_state_dict(sd: dict[str, np.ndarray], model_or_params, *, variant: str,
+                           source: str, head: str = 'load', reset_head: bool = False,
+                           classes_hint: str = 'a different number of classes: pass '
+                                               '--num_classes and --reset_head',
+                           keep_fresh: tuple[str, ...] = ()) -> dict[tuple, Any]:
+  """Maps a timm/official state dict onto a model's parameter paths, checking every key and shape.
+
+  `model_or_params`: the model, or its {path: array}; see map_params for `head`
+  (`reset_head=True` is head='reset').
+  """
+  expected = model_or_params if isinstance(model_or_params, dict) else flat_params(model_or_params)
+  return map_params(official_to_timm(sd), expected, name_of=torch_key, variant=variant,
+                    source_name=source, head='reset' if reset_head else head,
+                    to_model=to_jax_layout, shape_in_source=torch_shape,
+                    classes_hint=classes_hint, keep_fresh=keep_fresh)
 
 
 def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
@@ -136,8 +200,13 @@ def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
     model = create_model(variant, rngs=nnx.Rngs(seed), **overrides)
   else:
     model = build_uninitialised(variant, seed=seed, **overrides)
-  params = params_from_state_dict(read_state_dict(src), model, variant=variant, source=src,
-                                  reset_head=reset_head)
+  from mambaout_jax import pretrained
+  pretrained.check_variant(src, variant)
+  kind, sd, _ = pretrained.read_source(src)
+  if kind != 'state_dict':
+    raise ValueError(f'{src} is already a params checkpoint: load it with '
+                     f'mo.load_pretrained({variant!r}, {src!r})')
+  params = params_from_state_dict(sd, model, variant=variant, source=src, reset_head=reset_head)
   check_params_match(model, params, source=src, variant=variant)
   assign_params(model, params)
   return save_params(out, model, variant=variant, model_kwargs=overrides,
@@ -149,7 +218,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(prog='python -m mambaout_jax.convert', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--variant', required=True, help='model name, see mambaout_jax.list_models()')
-  p.add_argument('--src', required=True, help='.pth / .pt / .bin / .safetensors state dict')
+  p.add_argument('--src', required=True, help='.pth / .pt / .bin / .safetensors state dict, or '
+                 'hf-hub:timm/<tag>')
   p.add_argument('--out', required=True, help='output directory (params checkpoint)')
   p.add_argument('--num_classes', type=int, default=None, help='classifier size (default: 1000)')
   p.add_argument('--reset_head', action='store_true',

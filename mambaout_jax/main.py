@@ -4,6 +4,8 @@ r"""Train, evaluate or export a model: the command-line entry point.
     python -m mambaout_jax.main --config=configs/tiny.py --workdir=gs://bucket/tiny \
         --config.batch_size=1024 --config.grad_accum_steps=4
     python -m mambaout_jax.main --config=configs/demo.py --workdir=/tmp/mambaout_demo --mode=eval
+    python -m mambaout_jax.main --config=configs/tiny.py --workdir=/tmp/tiny_eval --mode=eval \
+        --config.init_from=hf-hub:timm/mambaout_tiny.in1k
 
 A run resumes from the newest readable checkpoint in `--workdir`. On a TPU pod every host runs the
 same command and `jax.distributed.initialize()` finds the others; elsewhere pass
@@ -71,16 +73,34 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  from mambaout_jax import checkpoint, data
+  from mambaout_jax import checkpoint, convert, data
   try:
+    apply_eval_overrides(_CONFIG.value, sys.argv, mode=_MODE.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
   except train.Preempted as e:
     logging.warning('stopped at step %s after saving a checkpoint; rerun the same command to '
                     'resume', e)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError, FloatingPointError,
-          FileNotFoundError) as e:  # user-fixable: one line saying what to do, no traceback
+  except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
+          checkpoint.CheckpointUnreadableError, FloatingPointError, FileNotFoundError,
+          convert.CheckpointFitError) as e:  # user-fixable: one line saying what to do
     sys.exit(f'FATAL {type(e).__name__}: {e}')
+
+
+def apply_eval_overrides(config, argv, *, mode: str):
+  """--mode=eval of a timm Hub tag (--config.init_from=hf-hub:timm/<tag>) uses the eval transform
+  of the tag's pretrained config (image size, crop_pct, interpolation), except for the keys the
+  command line sets itself."""
+  if mode != 'eval' or not config.get('init_from'):
+    return
+  from mambaout_jax import pretrained
+  overrides = pretrained.eval_overrides(config.init_from)  # CheckpointFitError: bad Hub name
+  explicit = {a.split('=')[0][len('--config.'):] for a in argv if a.startswith('--config.')}
+  overrides = {k: v for k, v in overrides.items() if k not in explicit}
+  if overrides:
+    logging.info('evaluating %s with its pretrained eval transform: %s', config.init_from,
+                 ', '.join(f'{k}={v}' for k, v in overrides.items()))
+    config.update_from_flattened_dict(overrides)
 
 
 def _config_keys(config, prefix='') -> list[str]:
@@ -90,8 +110,24 @@ def _config_keys(config, prefix='') -> list[str]:
   return keys
 
 
+def packaged_config(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py` that does not exist here -> the copy installed with the package
+  (`pip install .` ships configs/ as mambaout_jax/configs), so the commands work from anywhere."""
+  import os
+  out = []
+  for a in argv:
+    if a.startswith('--config=configs/'):
+      path, _, arg = a[len('--config='):].partition(':')
+      packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+      if not os.path.exists(path) and os.path.exists(packaged):
+        a = f'--config={packaged}' + (f':{arg}' if arg else '')
+    out.append(a)
+  return out
+
+
 def parse_flags(argv):
   """absl flag parsing, with a one-line error naming an unknown --config.KEY and the valid keys."""
+  argv = packaged_config(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:

@@ -6,6 +6,9 @@ warmup_t=warmup_epochs, cycle_limit=1)` stepped once per epoch, with `cooldown_e
 after the cosine. `cosine_schedule` reproduces those semantics as a function of the optimizer step,
 either per epoch (`t = floor(step / steps_per_epoch)`, timm's default) or per step
 (`t = step / steps_per_epoch`, a smooth version of the same curve).
+
+Segmentation (`config.schedule = 'poly'`) uses mmsegmentation's schedule from Swin's UperNet
+config instead: `poly_schedule`, mmcv's `PolyLrUpdaterHook` with linear warm-up, per iteration.
 """
 from __future__ import annotations
 
@@ -43,6 +46,45 @@ def cosine_schedule(*, base_lr: float, steps_per_epoch: int, epochs: float, warm
   return schedule
 
 
+def poly_schedule(*, base_lr: float, total_steps: int, warmup_steps: int, warmup_ratio: float,
+                  power: float = 1.0, min_lr: float = 0.0) -> optax.Schedule:
+  """mmcv's `lr_config=dict(policy='poly', warmup='linear', warmup_iters, warmup_ratio, power,
+  min_lr, by_epoch=False)` (Swin's mmseg UperNet config) as an optax schedule of the step t:
+
+  poly(t) = (base_lr - min_lr) * (1 - t / total_steps) ** power + min_lr
+  t < warmup_steps: poly(t) * (1 - (1 - t / warmup_steps) * (1 - warmup_ratio))
+  so the warm-up starts at warmup_ratio * base_lr (1e-6 x 1e-4 = 1e-10 in the paper's setup; a
+  RATIO, like mmseg 1.x's LinearLR(start_factor=1e-6)) and scales the poly curve, which is not
+  shifted by the warm-up (mmcv computes the regular lr first and multiplies it during warm-up).
+  """
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    frac = jnp.clip((total_steps - t) / total_steps, 0.0, 1.0)  # exact steps left, then divide
+    lr = (base_lr - min_lr) * frac ** power + min_lr
+    if warmup_steps > 0:
+      # = 1 - (1 - t / warmup_steps) * (1 - warmup_ratio), without float32 cancellation near t=0
+      factor = warmup_ratio + (1.0 - warmup_ratio) * t / warmup_steps
+      lr = jnp.where(t < warmup_steps, lr * factor, lr)
+    return lr
+  return schedule
+
+
+def create_schedule(config, steps_per_epoch: float) -> optax.Schedule:
+  """`config.schedule`: 'cosine' (timm, the classification recipes) or 'poly' (mmseg)."""
+  kind = config.get('schedule', 'cosine')
+  if kind == 'cosine':
+    return cosine_schedule(
+        base_lr=learning_rate(config), steps_per_epoch=steps_per_epoch, epochs=config.num_epochs,
+        warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, min_lr=config.min_lr,
+        per_step=config.schedule_per_step)
+  if kind == 'poly':
+    total = config.total_steps or int(round(config.num_epochs * steps_per_epoch))
+    return poly_schedule(base_lr=learning_rate(config), total_steps=total,
+                         warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
+                         power=config.poly_power, min_lr=config.min_lr)
+  raise ValueError(f"unknown config.schedule {kind!r}; choose 'cosine' or 'poly'")
+
+
 def decay_mask(params) -> dict:
   """True where weight decay applies: every array with ndim > 1 except NO_DECAY_NAMES (timm's
   `filter_bias_and_bn` plus `no_weight_decay()` names)."""
@@ -54,10 +96,7 @@ def decay_mask(params) -> dict:
 
 def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
                                                             optax.Schedule]:
-  schedule = cosine_schedule(
-      base_lr=learning_rate(config), steps_per_epoch=steps_per_epoch, epochs=config.num_epochs,
-      warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, min_lr=config.min_lr,
-      per_step=config.schedule_per_step)
+  schedule = create_schedule(config, steps_per_epoch)
   if config.optimizer != 'adamw':
     raise ValueError(f"unknown optimizer {config.optimizer!r}; the paper's 'adamw' is the only one")
   tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,

@@ -136,15 +136,40 @@ def build_uninitialised(name: str, *, seed: int = 0, **kwargs):
   return model
 
 
+def split_batch_stats(model, flat: dict[tuple, Any], *, source: str, variant: str):
+  """(weights, stats): the checkpoint's entries split into parameters and the model's BatchNorm
+  statistics (nnx.BatchStat, exported with the parameters); every statistic must be present."""
+  stat_paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))]
+  missing = sorted((k for k in stat_paths if k not in flat), key=path_str)
+  if missing:
+    raise ValueError(f'{source} has no BatchNorm statistics for {variant} (first missing: '
+                     f'{path_str(missing[0])!r}); export the checkpoint with its model_state '
+                     '(python -m mambaout_jax.main --mode=export)')
+  stats = {k: flat[k] for k in stat_paths}
+  return {k: v for k, v in flat.items() if k not in stats}, stats
+
+
+def assign_batch_stats(model, stats: dict[tuple, Any]):
+  """Copies {path tuple: array} into the model's nnx.BatchStat variables."""
+  state = nnx.state(model, nnx.BatchStat)
+  for path, var in nnx.to_flat_state(state):
+    var.set_value(jax.numpy.asarray(stats[path], dtype=var.get_value().dtype))
+  nnx.update(model, state)
+  return model
+
+
 def load_pretrained(name: str, path: str, *, seed: int = 0, **overrides):
-  """Builds variant `name` and loads the params checkpoint at `path` onto the default device."""
+  """Builds variant `name` from the checkpoint's recorded constructor kwargs (`overrides` win) and
+  loads its params (and BatchNorm statistics, if the model has any) onto the default device."""
   params, meta = read_params(path)
   if meta.get('variant') not in (None, name):
     raise ValueError(f'{path} holds a {meta["variant"]} checkpoint, not {name}; '
                      f'call load_pretrained({meta["variant"]!r}, {path!r})')
   kwargs = {**meta.get('model_kwargs', {}), **overrides}
   model = build_uninitialised(name, seed=seed, **kwargs)
+  params, stats = split_batch_stats(model, params, source=path, variant=name)
   check_params_match(model, params, source=path, variant=name)
   assign_params(model, params)
+  assign_batch_stats(model, stats)
   model.eval()
   return model

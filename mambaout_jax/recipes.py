@@ -14,6 +14,10 @@ from mambaout_jax.models.mambaout import TRAIN_DROP_PATH
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = 'classification'         # mambaout_jax.tasks: 'classification' | 'segmentation'
+  c.init_from = ''                  # fresh workdir: start from these params (params checkpoint
+                                    # dir, official .pth / timm file, 'hf-hub:timm/<tag>')
+  c.init_head = ''                  # 'reset': re-initialise a classifier of another class count
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'mambaout_test'
@@ -134,4 +138,57 @@ def deit_recipe(model_name: str, drop_path_rate: float = 0.1) -> ml_collections.
   c.lr = 5e-4
   c.lr_base_batch = 512
   c.warmup_epochs = 5
+  return c
+
+
+def segmentation_recipe(model_name: str, drop_path_rate: float) -> ml_collections.ConfigDict:
+  """The paper's ADE20K UperNet recipe (Table 3; the author's note: Swin's mmsegmentation UperNet
+  config with lr 1e-4, no layer-wise lr decay): 160k iterations at batch 16 of 512x512 crops, AdamW
+  (0.9, 0.999) lr 1e-4 weight decay 0.01 (not on norms / biases), mmcv's poly schedule (power 1 to
+  0) with 1500 linear warm-up iterations from 1e-6 x lr, bf16, eval every 16k iterations at
+  (2048, 512) keep-ratio, whole image, single scale. The backbone starts from ImageNet weights
+  (`init_from`, e.g. `hf-hub:timm/mambaout_tiny.in1k` or a `convert` output)."""
+  c = base_config()
+  c.task = 'segmentation'
+  c.init_from = ''
+  c.model.name = model_name
+  c.model.drop_path_rate = drop_path_rate
+  c.model.dtype = 'bfloat16'
+  c.dataset.name = 'ade20k'
+  c.dataset.num_classes = 150
+  c.image_size = 512                # the training crop (square)
+  c.batch_size = 16
+  c.eval_batch_size = 8
+  c.total_steps = 160_000
+  c.schedule = 'poly'               # mmcv PolyLrUpdaterHook, see optim.poly_schedule
+  c.warmup_steps = 1500
+  c.warmup_ratio = 1e-6
+  c.poly_power = 1.0
+  c.lr = 1e-4
+  c.lr_base_batch = 0               # lr as is (no batch scaling)
+  c.min_lr = 0.0
+  c.weight_decay = 0.01
+  # mmseg's ADE20K pipeline (read by data/seg_transforms.py): image_size is the square crop.
+  c.dataset.reduce_zero_label = True   # ADE20K: 0 ('other') -> 255 (ignored), k -> k - 1
+  c.aug.scale = (2048, 512)         # train rescale target (long, short), keep ratio
+  c.aug.ratio_range = (0.5, 2.0)    # random rescale of `scale`
+  c.aug.cat_max_ratio = 0.75        # crop retried (10x) until no class covers more than this
+  c.aug.photometric = True          # mmseg PhotoMetricDistortion
+  c.aug.hflip = 0.5
+  c.aug.eval_scale = (2048, 512)    # eval resize, keep ratio
+  c.input.eval_canvas = ()          # eval image canvas (h, w); () = square of max(eval_scale)
+  c.input.eval_label_canvas = ()    # eval label canvas (original label sizes); () = eval_canvas
+
+  c.seg = ml_collections.ConfigDict()
+  c.seg.aux_loss_weight = 0.4       # FCN auxiliary head on stage 3
+  c.seg.inference = 'whole'         # 'whole' | 'slide'
+  c.seg.slide_crop = 512
+  c.seg.slide_stride = 341
+  c.seg.eval_scales = (1.0,)        # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  c.seg.eval_flip = False
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 16_000
+  c.checkpoint_every_steps = 4000
+  c.keep_best_checkpoints = 1       # by eval/mIoU
   return c

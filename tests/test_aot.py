@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from mambaout_jax import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +29,75 @@ def test_aot_compiles_the_train_step_for_a_small_tpu_slice():
   # XLA's FLOPs are per device; per image a train step costs ~3x the forward pass. mambaout_test
   # with 10 classes at 16 px: ~0.32 MMAC = 0.64 MFLOP forward (python -m mambaout_jax.profile).
   assert 1.5e6 < report['flops_per_image'] < 3e6
+  # Roofline: v5e's documented peak and bandwidth, the bound is the larger of the two times.
+  assert report['peak_flops_per_device'] == 197e12
+  assert report['hbm_bandwidth_per_device'] == 819e9
+  compute = report['flops_per_step_per_device'] / 197e12
+  memory = report['bytes_accessed_per_device'] / 819e9
+  assert report['roofline_seconds'] == pytest.approx(max(compute, memory))
+  assert report['bound'] == ('compute' if compute >= memory else 'memory')
+  assert report['mfu_ceiling'] == pytest.approx(compute / max(compute, memory))
+  assert report['images_per_second_per_chip_ceiling'] == pytest.approx(
+      16 / 4 / report['roofline_seconds'])
+  # A step reads at least the parameters and both AdamW moments once.
+  assert report['bytes_accessed_per_device'] >= 3 * 4 * report['num_params']
+  # The per-category split (estimated from the HLO text) is of the same order as XLA's count.
+  shares = report['hbm_bytes_share_by_category']
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert 0.2 < report['hlo_bytes_estimate_per_device'] / report['bytes_accessed_per_device'] < 5
+
+
+HLO = """HloModule m
+
+%fused_exp (param_0: f32[8,16]) -> f32[8,16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  ROOT %exponential.1 = f32[8,16]{1,0} exponential(f32[8,16]{1,0} %param_0)
+}
+
+%fused_dw (param_0: bf16[2,8,8,4], param_1: bf16[7,7,1,4]) -> bf16[2,8,8,4] {
+  %param_0 = bf16[2,8,8,4]{3,2,1,0} parameter(0)
+  %param_1 = bf16[7,7,1,4]{3,2,1,0} parameter(1)
+  ROOT %convolution.2 = bf16[2,8,8,4]{3,2,1,0} convolution(bf16[2,8,8,4]{3,2,1,0} %param_0, bf16[7,7,1,4]{3,2,1,0} %param_1), window={size=7x7 pad=3_3x3_3}, dim_labels=b01f_01io->b01f, feature_group_count=4
+}
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element((s32[], f32[8,16]{1,0}) %p), index=0
+  %gte.1 = f32[8,16]{1,0} get-tuple-element((s32[], f32[8,16]{1,0}) %p), index=1
+  %fusion.1 = f32[8,16]{1,0} fusion(f32[8,16]{1,0} %gte.1), kind=kLoop, calls=%fused_exp, metadata={op_name="f32[1000]"}
+  ROOT %tuple = (s32[], f32[8,16]{1,0}) tuple(s32[] %gte.0, f32[8,16]{1,0} %fusion.1)
+}
+
+ENTRY %main (a: f32[8,16], b: f32[16,4], x: bf16[2,8,8,4], w: bf16[7,7,1,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %x = bf16[2,8,8,4]{3,2,1,0} parameter(2)
+  %w = bf16[7,7,1,4]{3,2,1,0} parameter(3)
+  %fusion.2 = bf16[2,8,8,4]{3,2,1,0} fusion(bf16[2,8,8,4]{3,2,1,0} %x, bf16[7,7,1,4]{3,2,1,0} %w), kind=kOutput, calls=%fused_dw
+  %init = (s32[], f32[8,16]{1,0}) tuple(s32[] %c, f32[8,16]{1,0} %a)
+  %while.1 = (s32[], f32[8,16]{1,0}) while((s32[], f32[8,16]{1,0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %gte.2 = f32[8,16]{1,0} get-tuple-element((s32[], f32[8,16]{1,0}) %while.1), index=1
+  ROOT %dot.3 = f32[8,4]{1,0} dot(f32[8,16]{1,0} %gte.2, f32[16,4]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_hlo_bytes_by_category_counts_top_level_ops_and_loop_trips():
+  # Hand-counted: the loop body's fusion reads + writes 8x16 f32 on each of 5 trips; the dot
+  # reads 8x16 + 16x4 and writes 8x4 f32; the depthwise conv reads 2x8x8x4 + 7x7x4 bf16 and writes
+  # 2x8x8x4 bf16. Fused intermediates, parameters, tuples and metadata text count nothing.
+  assert aot.hlo_bytes_by_category(HLO) == {
+      'elementwise fusion': 5 * 2 * 8 * 16 * 4,
+      'matmul (dot)': (8 * 16 + 16 * 4 + 8 * 4) * 4,
+      'depthwise/grouped convolution fusion': (2 * 2 * 8 * 8 * 4 + 7 * 7 * 4) * 2}
+
+
+def test_roofline_bound_and_ceilings():
+  r = aot.roofline(flops=2e12, bytes_accessed=1e9, peak_flops=1e15, bandwidth=1e12,
+                   images_per_device=32)
+  assert r['bound'] == 'compute' and r['roofline_seconds'] == 2e-3 and r['mfu_ceiling'] == 1.0
+  r = aot.roofline(flops=1e12, bytes_accessed=4e9, peak_flops=1e15, bandwidth=1e12,
+                   images_per_device=32, devices_per_chip=2)
+  assert r['bound'] == 'memory' and r['roofline_seconds'] == 4e-3
+  assert r['mfu_ceiling'] == pytest.approx(0.25)
+  assert r['images_per_second_per_chip_ceiling'] == pytest.approx(2 * 32 / 4e-3)

@@ -239,33 +239,100 @@ def test_mixup_matches_timm_for_the_drawn_lam(seed):
   np.testing.assert_allclose(out, reference.permute(0, 2, 3, 1).numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize('seed', range(4))
-def test_cutmix_pastes_one_box_from_the_reversed_batch_with_area_corrected_lam(seed):
-  images, labels = _batch(seed)
-  out, targets = MIX(jax.random.key(seed), images, labels, num_classes=10, mixup_alpha=0.0,
-                     cutmix_alpha=1.0, switch_prob=0.5, prob=1.0, label_smoothing=0.1)
-  out, images = np.asarray(out), np.asarray(images)
-  from_flipped = (out == images[::-1]).all(-1) & ~(out == images).all(-1)
-  assert ((out == images) | (out == images[::-1])).all()
-  box = from_flipped[0]
-  lam = _lam_from_targets(targets, labels, 10, 0.1)
-  np.testing.assert_allclose(lam, 1.0 - box.mean(), atol=1e-5)  # timm's correct_lam.
-  np.testing.assert_allclose(targets, _timm_targets(labels, 10, lam, 0.1), atol=1e-5)
-  if box.any():
+def _many(num_draws, **kwargs):
+  """`num_draws` independent mixup_cutmix calls on one batch (one key each), and that batch."""
+  images, labels = _batch()
+  fn = jax.jit(jax.vmap(functools.partial(mixup_cutmix, num_classes=10, **kwargs),
+                        in_axes=(0, None, None)))
+  out, targets = fn(jax.random.split(jax.random.key(0), num_draws), images, labels)
+  return np.asarray(out), np.asarray(targets), np.asarray(images), np.asarray(labels)
+
+
+def _classify(out, images):
+  """Per draw: 'cutmix' (every pixel from the image or the reversed batch, some from the latter),
+  'mixup' (pixels strictly between the two) or 'unchanged'."""
+  flipped = images[::-1]
+  from_self = (out == images).all(-1)  # (draws, B, H, W)
+  from_flipped = (out == flipped).all(-1) & ~from_self
+  kinds = np.where(from_self.all((1, 2, 3)), 'unchanged',
+                   np.where((from_self | from_flipped).all((1, 2, 3)), 'cutmix', 'mixup'))
+  return kinds, from_flipped
+
+
+def test_cutmix_pastes_one_box_from_the_reversed_batch_with_area_corrected_lam():
+  out, targets, images, labels = _many(200, mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=0.5,
+                                       prob=1.0, label_smoothing=0.1)
+  kinds, from_flipped = _classify(out, images)
+  # lam ~ U(0, 1): the box is empty only when int(16 * sqrt(1 - lam)) < 2, i.e. 1 - lam < 1/64.
+  assert (kinds == 'cutmix').sum() >= 190 and (kinds != 'mixup').all(), kinds
+  areas = []
+  for draw in np.flatnonzero(kinds == 'cutmix'):
+    box = from_flipped[draw, 0]
     rows, cols = np.nonzero(box)
-    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
-    assert (from_flipped == box).all()  # The same box in every image.
+    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # One rectangle,
+    assert (from_flipped[draw] == box).all()  # the same in every image of the batch.
+    lam = _lam_from_targets(targets[draw], labels, 10, 0.1)
+    np.testing.assert_allclose(lam, 1.0 - box.mean(), atol=1e-5)  # timm's correct_lam.
+    np.testing.assert_allclose(targets[draw], _timm_targets(labels, 10, lam, 0.1), atol=1e-5)
+    areas.append(box.mean())
+  # Box area 1 - lam before clipping (mean 1/2); clipping to the image and int() shrink it.
+  assert 0.25 < np.mean(areas) < 0.5, np.mean(areas)
+  corners = {tuple(np.argwhere(from_flipped[d, 0]).min(0)) for d in np.flatnonzero(kinds == 'cutmix')}
+  assert len(corners) > 50  # The box moves.
+
+
+def _lam_from_images(out, images):
+  """Least-squares lam of out = lam * x + (1 - lam) * x[::-1], per draw and image."""
+  x, flipped = images, images[::-1]
+  diff = (x - flipped).reshape(len(x), -1)
+  return ((out - flipped).reshape(*out.shape[:2], -1) * diff).sum(-1) / (diff * diff).sum(-1)
+
+
+def test_mixup_lam_recovered_from_the_images_follows_beta_alpha_alpha():
+  from scipy import stats
+  out, targets, images, labels = _many(4000, mixup_alpha=0.8, cutmix_alpha=0.0, switch_prob=0.5,
+                                       prob=1.0, label_smoothing=0.0)
+  lam_rows = _lam_from_images(out, images)
+  lam = lam_rows[:, 0]
+  np.testing.assert_allclose(lam_rows, np.repeat(lam[:, None], len(images), 1), atol=1e-5)
+  # The targets say the same lam as the pixels.
+  np.testing.assert_allclose(targets[:, 0, labels[0]], lam, atol=1e-5)
+  assert stats.kstest(lam, 'beta', args=(0.8, 0.8)).pvalue > 0.01
+  # The test has the power to see a wrong alpha (e.g. the CutMix alpha 1.0, or 0.5).
+  assert stats.kstest(lam, 'beta', args=(1.0, 1.0)).pvalue < 1e-3
+  assert stats.kstest(lam, 'beta', args=(0.5, 0.5)).pvalue < 1e-3
+  np.testing.assert_allclose([lam.mean(), lam.var()], [0.5, 1 / (4 * (2 * 0.8 + 1))], atol=0.01)
 
 
 def test_switch_prob_and_prob_choose_the_branch():
   images, labels = _batch()
-  fn = jax.jit(jax.vmap(functools.partial(
-      mixup_cutmix, num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0,
-      label_smoothing=0.0), in_axes=(0, None, None)))
-  out, _ = fn(jax.random.split(jax.random.key(0), 200), images, labels)
-  cutmix = ((out == images) | (out == images[::-1])).all((1, 2, 3, 4)).sum()
-  assert 70 <= cutmix <= 130, cutmix
+  switch_prob = np.repeat(np.float32([0.5, 0.2]), [400, 200])  # Traced: one compilation.
+  fn = jax.jit(jax.vmap(lambda key, p: mixup_cutmix(
+      key, images, labels, num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=p,
+      prob=1.0, label_smoothing=0.0)[0]))
+  out = np.asarray(fn(jax.random.split(jax.random.key(0), len(switch_prob)), switch_prob))
+  kinds, _ = _classify(out, np.asarray(images))
+  # Unchanged: a CutMix with an empty box (about 1.6% of CutMix draws) or a mixup with lam == 1.
+  assert (kinds == 'unchanged').sum() <= 12
+  half, fifth = kinds[:400], kinds[400:]
+  assert 160 <= (half == 'cutmix').sum() <= 240 and 160 <= (half == 'mixup').sum() <= 240
+  assert 20 <= (fifth == 'cutmix').sum() <= 60 and (fifth == 'mixup').sum() >= 140
+  images, labels = _batch()
   out, targets = mixup_cutmix(jax.random.key(0), images, labels, num_classes=10, mixup_alpha=0.8,
                               cutmix_alpha=1.0, switch_prob=0.5, prob=0.0, label_smoothing=0.1)
   np.testing.assert_array_equal(out, images)
   np.testing.assert_allclose(targets, _timm_targets(labels, 10, 1.0, 0.1), atol=1e-6)
+
+
+def test_eval_geometry_and_statistics_are_defined_once_in_the_data_layer():
+  """`predict` uses the data layer's definitions; the data layer does not import the CLI."""
+  import subprocess
+  import sys
+  from mambaout_jax import predict
+  assert predict.resize_and_center_crop is T.resize_and_center_crop
+  assert predict.IMAGENET_MEAN is T.IMAGENET_MEAN and predict.IMAGENET_STD is T.IMAGENET_STD
+  assert RA.random_interpolation is T.random_interpolation
+  assert not hasattr(RA, 'RANDOM_INTERPOLATION')
+  code = ('import sys, mambaout_jax.data, mambaout_jax.data.prepare; '
+          'assert "mambaout_jax.predict" not in sys.modules, "data imports predict"')
+  subprocess.run([sys.executable, '-c', code], check=True)

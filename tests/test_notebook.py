@@ -121,3 +121,35 @@ def test_notebook_loads_a_params_checkpoint_of_ours(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value))
   assert namespace['model'].num_classes == 10
   assert not (tmp_path / 'checkpoints').exists()  # nothing converted, nothing downloaded
+
+
+def test_notebook_loads_a_hub_name(tmp_path, monkeypatch):
+  """The load cell on `hf-hub:OWNER/NAME` resolves it from the Hugging Face cache (laid out here,
+  offline) and converts it on the fly: timm's logits come out."""
+  import torch_reference as ref
+  from hub_cache import lay_out_hub_cache
+
+  tm = ref.timm_model('mambaout_test', seed=5, num_classes=12)
+  ref.save_safetensors(ref.timm_state_dict(tm), str(tmp_path / 'model.safetensors'))
+  lay_out_hub_cache(tmp_path / 'hf', 'someone/mambaout_test_demo', 'model.safetensors',
+                    str(tmp_path / 'model.safetensors'))
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf'))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  cells = [c.source for c in nb.cells if c.cell_type == 'code']
+  imports = next(c for c in cells if c.startswith('import json'))
+  load = next(c for c in cells if 'def load_model' in c)
+  monkeypatch.chdir(tmp_path)
+  namespace = {'variant': 'mambaout_test', 'checkpoint': 'hf-hub:someone/mambaout_test_demo',
+               'sys': sys, 'os': os}
+  exec(imports, namespace)
+  exec(load, namespace)
+  assert namespace['source'].startswith('hf-hub:someone/mambaout_test_demo (' + str(tmp_path / 'hf'))
+  model = namespace['model']
+  assert model.num_classes == 12
+  x = np.random.RandomState(0).randn(1, 64, 64, 3).astype(np.float32)
+  want = ref.timm_logits(tm, x)
+  import jax
+  with jax.default_matmul_precision('highest'):
+    got = np.asarray(model(x))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

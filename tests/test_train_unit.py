@@ -128,13 +128,20 @@ def test_paper_configs_carry_the_recipe():
     assert c.aug.randaugment == 'rand-m9-mstd0.5-inc1' and c.model.dtype == 'bfloat16'
 
 
-def test_scan_order_reaches_mamba_models():
+def test_model_kwargs_follow_what_the_model_accepts():
   config = recipes.base_config()
   config.model.name = 'mamba_test'
-  assert 'scan_order' not in train.model_kwargs(config, 10)
+  assert train.model_kwargs(config, 10) == {'num_classes': 10, 'scan_order': 'cross'}  # default
   config.model.scan_order = 'raster'
   kwargs = train.model_kwargs(config, 10)
   assert kwargs['scan_order'] == 'raster'
-  model = mo.create_model('mamba_test', **kwargs)
+  model = nnx.eval_shape(lambda: mo.create_model('mamba_test', **kwargs))
   orders = {m.scan_order for _, m in nnx.iter_modules(model) if hasattr(m, 'scan_order')}
   assert orders == {'raster'}
+  config.model.name = 'mambaout_test'  # no SSM: the key does not apply
+  with pytest.raises(ValueError, match="scan_order='raster' does not apply to mambaout_test"):
+    train.model_kwargs(config, 10)
+  config.model.scan_order = ''
+  assert train.model_kwargs(config, 10) == {'num_classes': 10}
+  config.model.name, config.image_size = 'vit_test', 48
+  assert train.model_kwargs(config, 10) == {'num_classes': 10, 'img_size': 48}

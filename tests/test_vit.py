@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from sgd_check import sgd_step
 
 import mambaout_jax as mo
 from mambaout_jax.models import vit
@@ -31,11 +32,31 @@ def copy_timm_weights(model, torch_model):
   nnx.update(model, state)
 
 
+def randomise_(torch_model, seed=0):
+  """Every timm parameter random and non-default (timm's init zeroes biases, sets norms to identity
+  and the class token to ~0, which would hide a dropped bias or swapped norms): weights ~ N(0, 1/fan_in),
+  norm scales 1 + N(0, 0.3^2), everything else N(0, 0.3^2)."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in torch_model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if name.endswith('weight') and p.ndim >= 2:
+        p.copy_(noise / p[0].numel() ** 0.5)
+      elif name.endswith('weight'):
+        p.copy_(1.0 + 0.3 * noise)
+      else:
+        p.copy_(0.3 * noise)
+
+
 def test_matches_timm_vit_small_patch16():
+  """Logits equal timm's with every parameter randomised; and dropping a qkv bias, swapping a
+  block's two norms or dropping the final norm's bias would show (each moves the logits far)."""
   torch = pytest.importorskip('torch')
   timm = pytest.importorskip('timm')
   torch_model = timm.create_model('vit_small_patch16_224', pretrained=False, img_size=64,
                                   num_classes=7).eval()
+  randomise_(torch_model)
   model = mo.create_model('vit_small_patch16', img_size=64, num_classes=7, rngs=nnx.Rngs(0))
   n_ours = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert n_ours == sum(p.numel() for p in torch_model.parameters())
@@ -43,8 +64,27 @@ def test_matches_timm_vit_small_patch16():
   images = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     want = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-  got = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images))
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  forward = nnx.jit(lambda m, x: m(x))
+  atol = 1e-4 * np.abs(want).max()
+  np.testing.assert_allclose(forward(model, jnp.asarray(images)), want, rtol=1e-4, atol=atol)
+
+  block = model.blocks[3]
+  breaks = {
+      'qkv bias dropped': [(block.attn.qkv.bias, jnp.zeros_like(block.attn.qkv.bias[...]))],
+      'norm1/norm2 swapped': [(block.norm1.scale, block.norm2.scale[...]),
+                              (block.norm1.bias, block.norm2.bias[...]),
+                              (block.norm2.scale, block.norm1.scale[...]),
+                              (block.norm2.bias, block.norm1.bias[...])],
+      'final norm bias dropped': [(model.norm.bias, jnp.zeros_like(model.norm.bias[...]))],
+  }
+  for what, edits in breaks.items():
+    saved = [(param, param[...]) for param, _ in edits]
+    for param, value in edits:
+      param[...] = value
+    change = float(np.abs(np.asarray(forward(model, jnp.asarray(images))) - want).max())
+    assert change > 100 * atol, (what, change, atol)
+    for param, value in saved:
+      param[...] = value
 
 
 def _tokens_changed(model, images, patch):
@@ -100,20 +140,10 @@ def test_bfloat16():
 def test_vit_test_trains(mode):
   model = mo.create_model('vit_test', num_classes=4, attention_mode=mode, drop_path_rate=0.1,
                           rngs=nnx.Rngs(0))
-  model.train()
   images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-  labels = jnp.arange(8) % 4
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  @jax.jit
-  def loss_fn(params, rest):
-    logits = nnx.merge(graphdef, params, rest)(images)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  loss, grads = jax.value_and_grad(loss_fn)(params, rest)
+  loss, grads, new_loss = sgd_step(model, images, jnp.arange(8) % 4, lr=0.1)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-  params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-  assert float(loss_fn(params, rest)) < float(loss)
+  assert new_loss < loss
 
 
 @pytest.mark.parametrize('name, params_m', [

@@ -9,6 +9,8 @@ import dataclasses
 import os
 from typing import Any, Protocol, Sequence
 
+from absl import logging
+
 FOLDER_PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
@@ -152,11 +154,16 @@ class TfdsSource:
 
 
 def _list_classes(split_dir) -> list[str]:
-  return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+  """Sub-directories, sorted; hidden ones (.ipynb_checkpoints, .cache) are not classes."""
+  return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
 
 
 def _image_files(directory):
+  """Image files under `directory` (recursively, sorted); other and hidden files (.DS_Store,
+  macOS '._x.jpg' resource forks) are ignored."""
   for path in sorted(directory.iterdir()):
+    if path.name.startswith('.'):
+      continue
     if path.is_dir():
       yield from _image_files(path)
     elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -178,10 +185,22 @@ class FolderSource:
     if not self.class_names:
       raise DatasetNotFoundError(f'no class sub-directories in {str(split_dir)!r}')
     self.num_classes = len(self.class_names)
+    unknown = sorted(set(_list_classes(split_dir)) - set(self.class_names))
+    if unknown:
+      raise ValueError(
+          f'image folder split {str(split_dir)!r} has class directories that {class_split!r} lacks '
+          f'({", ".join(unknown[:5])}); labels come from {str(class_dir)!r}: add them there or '
+          'remove them')
     self._files: list[tuple[str, int]] = []
+    empty = []
     for label, class_name in enumerate(self.class_names):
-      if (split_dir / class_name).is_dir():
-        self._files.extend((str(path), label) for path in _image_files(split_dir / class_name))
+      files = list(_image_files(split_dir / class_name)) if (split_dir / class_name).is_dir() else []
+      empty += [] if files else [class_name]
+      self._files.extend((str(path), label) for path in files)
+    if empty and self._files and split == class_split:
+      logging.warning('%d class directories of %r hold no images (%s); their labels are kept, so '
+                      'the model has outputs that never train', len(empty), str(split_dir),
+                      ', '.join(empty[:5]))
     if not self._files:
       raise DatasetNotFoundError(
           f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {str(split_dir)!r}')

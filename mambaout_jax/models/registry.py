@@ -17,7 +17,7 @@ def _import_families():
   # Importing the family modules fills the registry.
   from mambaout_jax.models import mambaout  # noqa: F401
   try:
-    from mambaout_jax.models import ssm, vit  # noqa: F401
+    from mambaout_jax.models import mamba, vit  # noqa: F401
   except ImportError:  # families not present in this checkout
     pass
   from mambaout_jax.models import upernet  # noqa: F401  (after the backbones it builds on)

@@ -1,0 +1,86 @@
+"""Image classification (the paper's ImageNet experiments and the digits demo).
+
+Loss: soft-target cross-entropy after on-device Mixup/CutMix with label smoothing (timm's recipe).
+Eval: masked sums of cross-entropy, top-1 and top-5 hits and the example count (so any host/device
+layout gives the exact totals), plus the number of undecodable validation images when the data
+pipeline reports them.
+"""
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mambaout_jax import data as data_lib
+from mambaout_jax.tasks import Task, constructor_keywords
+
+
+def masked_eval_sums(logits, labels, mask):
+  """Sums over valid rows of loss, top-1 and top-5 hits (so any host layout gives exact totals)."""
+  mask = mask.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+  return {'loss': jnp.sum(loss * mask), 'top1': jnp.sum(top1 * mask),
+          'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
+
+
+class ClassificationTask(Task):
+  name = 'classification'
+  best_metric = 'eval/top1'
+
+  def dataset_info(self, config):
+    return data_lib.get_dataset_info(config)
+
+  def model_kwargs(self, config, num_classes: int) -> dict:
+    accepted = constructor_keywords(config.model.name)
+    kwargs = {'num_classes': num_classes}
+    if 'scan_order' in accepted:  # Mamba blocks: resolved to the variant's default when unset
+      kwargs['scan_order'] = config.model.get('scan_order') or accepted['scan_order']
+    elif config.model.get('scan_order'):
+      raise ValueError(f'config.model.scan_order={config.model.scan_order!r} does not apply to '
+                       f'{config.model.name} (it has no SSM); set --config.model.scan_order=""')
+    if 'img_size' in accepted:  # the position embedding is sized for the images
+      kwargs['img_size'] = config.image_size
+    return kwargs
+
+  def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
+    kwargs = dict(process_index=process_index, process_count=process_count)
+    if 'start_step' in inspect.signature(data_lib.create_train_iterator).parameters:
+      kwargs['start_step'] = start_step
+    return data_lib.create_train_iterator(config, **kwargs)
+
+  def create_eval_iterator(self, config, *, process_index, process_count):
+    return data_lib.create_eval_iterator(config, process_index=process_index,
+                                         process_count=process_count)
+
+  def train_loss(self, model, batch, key, *, config, num_classes):
+    aug = config.aug
+    images, targets = data_lib.mixup_cutmix(
+        key, batch['image'], batch['label'], num_classes=num_classes, mixup_alpha=aug.mixup,
+        cutmix_alpha=aug.cutmix, switch_prob=aug.mixup_switch_prob, prob=aug.mixup_prob,
+        label_smoothing=aug.label_smoothing)
+    return optax.softmax_cross_entropy(model(images), targets).mean(), {}
+
+  def eval_sums(self, model, batch):
+    sums = masked_eval_sums(model(batch['image']), batch['label'], batch['mask'])
+    if 'undecodable' in batch:  # validation images the pipeline could not decode
+      sums['num_undecodable'] = jnp.sum(batch['undecodable'].astype(jnp.int32))
+    return sums
+
+  def eval_metrics(self, sums):
+    n = float(sums['count'])
+    metrics = {'loss': float(sums['loss']) / n, 'top1': float(sums['top1']) / n,
+               'top5': float(sums['top5']) / n, 'num_examples': int(n)}
+    if 'num_undecodable' in sums:
+      metrics['num_undecodable'] = int(np.asarray(sums['num_undecodable']))
+    return metrics
+
+  def init_params_from(self, config, params):
+    from mambaout_jax import pretrained  # the pretrained-weights module (hub, .pth, exports)
+    return pretrained.init_params(config.init_from, params, variant=config.model.name,
+                                  init_head=config.get('init_head', ''))

@@ -1,0 +1,77 @@
+"""Segmentation task pieces without training: the loss vs PyTorch (mmseg's default reduction), the
+poly schedule vs mmcv's formula, the demo scenes' invariants."""
+import io
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mambaout_jax import optim
+from mambaout_jax.data import digit_scenes
+from mambaout_jax.tasks import segmentation
+
+
+def test_loss_matches_torch_mmseg_default():
+  rng = np.random.default_rng(0)
+  decode = rng.normal(size=(2, 6, 5, 7)).astype(np.float32)     # stride-4 logits, NHWC
+  aux = rng.normal(size=(2, 2, 2, 7)).astype(np.float32)        # stride-16
+  labels = rng.integers(0, 7, size=(2, 24, 19))
+  labels[rng.random(labels.shape) < 0.3] = 255
+
+  def torch_ce(logits):  # mmseg: resize(bilinear, align_corners=False), CE 'none', mean over ALL
+    up = torch.nn.functional.interpolate(torch.tensor(logits).permute(0, 3, 1, 2), size=(24, 19),
+                                         mode='bilinear', align_corners=False)
+    loss = torch.nn.functional.cross_entropy(up, torch.tensor(labels), reduction='none',
+                                             ignore_index=255)
+    return loss.mean().item()
+
+  total, parts = segmentation.segmentation_loss((jnp.asarray(decode), jnp.asarray(aux)),
+                                                jnp.asarray(labels), aux_weight=0.4)
+  assert float(parts['loss_decode']) == pytest.approx(torch_ce(decode), rel=1e-5)
+  assert float(parts['loss_aux']) == pytest.approx(torch_ce(aux), rel=1e-5)
+  assert float(total) == pytest.approx(torch_ce(decode) + 0.4 * torch_ce(aux), rel=1e-5)
+
+
+def test_poly_schedule_is_mmcv_poly_with_linear_warmup():
+  sched = optim.poly_schedule(base_lr=1e-4, total_steps=160_000, warmup_steps=1500,
+                              warmup_ratio=1e-6, power=1.0, min_lr=0.0)
+
+  def mmcv(it):  # PolyLrUpdaterHook.get_lr, then LrUpdaterHook.get_warmup_lr('linear')
+    regular = (1e-4 - 0.0) * (1 - it / 160_000) ** 1.0 + 0.0
+    if it < 1500:
+      k = (1 - it / 1500) * (1 - 1e-6)
+      return regular * (1 - k)
+    return regular
+
+  for it in (0, 1, 750, 1499, 1500, 80_000, 159_999, 160_000):
+    assert float(sched(it)) == pytest.approx(mmcv(it), rel=1e-5, abs=1e-14), it
+  assert float(sched(0)) == pytest.approx(1e-10, rel=1e-4)
+
+
+def _decode(png):
+  return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def test_digit_scenes_are_deterministic_labelled_and_split_by_scan():
+  train = digit_scenes.DigitScenes('train')
+  val = digit_scenes.DigitScenes('validation')
+  assert (len(train), len(val)) == (4096, 256)
+  a, b = train[17], digit_scenes.DigitScenes('train')[17]
+  assert a == b                                             # a pure function of (split, index)
+  image, label = _decode(a['image']), _decode(a['label'])
+  assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label.shape == (64, 64)
+  sizes = set()
+  for i in range(12):
+    image, label = _decode(val[i]['image']), _decode(val[i]['label'])
+    assert image.shape[:2] == label.shape
+    sizes.add(label.shape)
+    values = set(np.unique(label).tolist())
+    assert values <= set(range(11)) | {255} and 10 in values and values - {10, 255}
+  assert len(sizes) > 6                                     # validation scenes vary in size
+  # Disjoint handwriting: no validation scan is a training scan.
+  train_scans = {s.tobytes() for s in digit_scenes._scans('train')[0]}
+  assert not any(s.tobytes() in train_scans for s in digit_scenes._scans('validation')[0])
+  with pytest.raises(ValueError, match='unknown split'):
+    digit_scenes.DigitScenes('test')
