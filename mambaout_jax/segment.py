@@ -25,36 +25,6 @@ import numpy as np
 DEFAULT_SCALE = (2048, 512)
 
 
-def load_model(variant: str, path: str):
-  """Builds `variant` and loads its params and BatchNorm statistics from the checkpoint at `path`.
-
-  Every parameter and every statistic must be present (a one-line error names the first missing
-  or extra key); the model is returned in eval mode.
-  """
-  from flax import nnx
-  from mambaout_jax import params as params_lib
-  flat, meta = params_lib.read_params(path)
-  if meta.get('variant') not in (None, variant):
-    raise ValueError(f'{path} holds a {meta["variant"]} checkpoint, not {variant}; '
-                     f'pass --variant={meta["variant"]}')
-  model = params_lib.build_uninitialised(variant, **meta.get('model_kwargs', {}))
-  stats_state = nnx.state(model, nnx.BatchStat)
-  stat_vars = dict(nnx.to_flat_state(stats_state))
-  missing = sorted((k for k in stat_vars if k not in flat), key=params_lib.path_str)
-  if missing:
-    raise ValueError(f'{path} has no BatchNorm statistics for {variant} (first missing: '
-                     f'{params_lib.path_str(missing[0])!r}); export the checkpoint with its '
-                     f'model_state (mean/var of every BatchNorm)')
-  weights = {k: v for k, v in flat.items() if k not in stat_vars}
-  params_lib.check_params_match(model, weights, source=path, variant=variant)
-  params_lib.assign_params(model, weights)
-  for k, var in stat_vars.items():
-    var.set_value(np.asarray(flat[k], np.float32))
-  nnx.update(model, stats_state)
-  model.eval()
-  return model
-
-
 def palette(num_classes: int) -> np.ndarray:
   """(num_classes, 3) uint8 colours, fixed for a given number of classes."""
   return np.random.default_rng(0).integers(0, 256, (num_classes, 3), dtype=np.uint8)
@@ -97,11 +67,12 @@ def main(argv=None) -> int:
   import jax
   from flax import nnx
   from PIL import Image
+  from mambaout_jax.params import load_pretrained
   from mambaout_jax.predict import load_image
   from mambaout_jax.tasks import seg_inference
   try:
     scale = _parse_scale(args.scale)
-    model = load_model(args.variant, args.checkpoint)
+    model = load_pretrained(args.variant, args.checkpoint)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
