@@ -1,10 +1,11 @@
 """Training checkpoints (the trainer's part): an Orbax CheckpointManager over
-DIR/checkpoints/<step>/{state, data, meta}.
+DIR/checkpoints/<step>/{state, meta}.
 
-`state` is the train state pytree (step, params, opt_state[, ema_params]) restored straight onto
-the current mesh's shardings, so a run resumes on any device count; `data` is the Grain iterator
-state of every process (one JSON file each); `meta` names the variant and model kwargs so a
-checkpoint of another model is refused with a clear message. Params-only checkpoints (convert
+`state` is the train state pytree (step, params, opt_state[, ema_params], model_state) restored
+straight onto the current mesh's shardings, so a run resumes on any device count; the input
+pipeline needs no state of its own (its position is a function of the global step). `meta` records
+the model's structure and the train state's layout, so a checkpoint of another structure is
+refused with a clear message instead of being mistaken for a corrupt one. Params-only checkpoints (convert
 output, trainer export, `load_pretrained`) live in `mambaout_jax.params`.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ class CheckpointMismatchError(ValueError):
 def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1,
                               async_save: bool = True, best_metric: str = 'eval/top1'):
   """Manager keeping the latest `keep` checkpoints plus the best `keep_best` by `best_metric`."""
-  import grain.checkpoint
   import orbax.checkpoint as ocp
   from orbax.checkpoint import checkpoint_managers as policies
   keep_policies = [policies.LatestN(n=keep)]
@@ -38,18 +38,14 @@ def create_checkpoint_manager(workdir: str, *, keep: int = 3, keep_best: int = 1
   return ocp.CheckpointManager(
       epath.Path(abspath(workdir)) / CHECKPOINTS_DIR, options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
-                     'data': grain.checkpoint.CheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler()})
 
 
-def save_train_state(manager, step: int, state, *, data_iterator=None, meta: dict,
+def save_train_state(manager, step: int, state, *, meta: dict,
                      metrics: dict | None = None) -> bool:
-  """Starts an (async) save of `state` and the iterator state at `step`; True if it saved."""
-  import grain.checkpoint
+  """Starts an (async) save of `state` at `step`; True if it saved."""
   import orbax.checkpoint as ocp
   items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
-  if hasattr(data_iterator, 'get_state'):  # a Grain iterator
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
@@ -157,17 +153,3 @@ def restore_latest_train_state(manager, abstract_state, *, expected_meta: dict, 
 def _first_line(e: Exception) -> str:
   return str(e).splitlines()[0] if str(e) else ''
 
-
-def restore_data_iterator(manager, step: int, data_iterator, log=print):
-  """Restores a Grain iterator's state saved at `step`, when there is one (same process count);
-  otherwise the iterator keeps the position it was created at (reported)."""
-  import grain.checkpoint
-  import orbax.checkpoint as ocp
-  if not hasattr(data_iterator, 'set_state'):
-    return
-  try:
-    manager.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  except Exception as e:  # noqa: BLE001
-    log(f'WARNING: input pipeline state of step {step} not restored ({type(e).__name__}: '
-        f'{_first_line(e)}); the input pipeline starts where it was created')

@@ -233,7 +233,6 @@ class Run:
   state: Any
   rest: Any
   step: int
-  restored: bool
   writer: Any = None
 
   @property
@@ -321,7 +320,7 @@ def setup(config, workdir: str, *, mode: str, task: Task | None = None) -> Run:
     (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
   return Run(config=config, workdir=workdir, task=task, mesh=mesh, info=info,
              num_classes=num_classes, fns=fns, manager=manager, meta=meta, state=state,
-             rest=rest, step=step, restored=restored is not None, writer=create_writer(workdir))
+             rest=rest, step=step, writer=create_writer(workdir))
 
 
 def apply_init_from(config, task: Task, state, state_sharding):
@@ -390,8 +389,6 @@ def train(run: Run) -> dict[str, float]:
   eval_every = config.eval_every_steps or max(1, run.info.num_train_examples // config.batch_size)
   # The stream's position is a function of the global step: created after the restore.
   train_iter = run.task.create_train_iterator(config, **run.process, start_step=run.step)
-  if run.restored:
-    ckpt_lib.restore_data_iterator(manager, run.step, train_iter, log=logging.warning)
 
   preempted = []
   if jax.process_count() == 1:  # multi-host runs use JAX's preemption sync point instead
@@ -412,8 +409,7 @@ def train(run: Run) -> dict[str, float]:
   def save(at_step, metrics=None):
     if manager.latest_step() == at_step:
       return
-    ckpt_lib.save_train_state(manager, at_step, run.state, data_iterator=train_iter,
-                              meta=run.meta, metrics=metrics)
+    ckpt_lib.save_train_state(manager, at_step, run.state, meta=run.meta, metrics=metrics)
 
   results: dict[str, float] = {}
   first_step, t_last, step_last = run.step, time.time(), run.step

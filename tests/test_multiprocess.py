@@ -57,7 +57,7 @@ def test_two_processes_match_one_process(tmp_path):
   np.testing.assert_allclose([trajectory[s] for s in reference], list(reference.values()),
                              rtol=2e-5)
   np.testing.assert_allclose(two['eval/top1'], one['eval/top1'], atol=1.5 / 360)
-  # Both processes saved their input-pipeline state in the checkpoint.
-  data_files = os.listdir(workdir / 'checkpoints' / str(STEPS) / 'data')
-  assert {f for f in data_files if f.startswith('process_')} == {'process_0-of-2.json',
-                                                                 'process_1-of-2.json'}
+  # The checkpoint holds the train state and its structure only: the input pipeline's position
+  # is a function of the global step, so no per-process iterator state is saved.
+  items = os.listdir(workdir / 'checkpoints' / str(STEPS))
+  assert {'state', 'meta'} <= set(items) and 'data' not in items, items

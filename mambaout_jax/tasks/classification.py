@@ -7,8 +7,6 @@ pipeline reports them.
 """
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +47,8 @@ class ClassificationTask(Task):
     return kwargs
 
   def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
-    kwargs = dict(process_index=process_index, process_count=process_count)
-    if 'start_step' in inspect.signature(data_lib.create_train_iterator).parameters:
-      kwargs['start_step'] = start_step
-    return data_lib.create_train_iterator(config, **kwargs)
+    return data_lib.create_train_iterator(config, process_index=process_index,
+                                          process_count=process_count, start_step=start_step)
 
   def create_eval_iterator(self, config, *, process_index, process_count):
     return data_lib.create_eval_iterator(config, process_index=process_index,
