@@ -150,7 +150,6 @@ def segmentation_recipe(model_name: str, drop_path_rate: float) -> ml_collection
   (`init_from`, e.g. `hf-hub:timm/mambaout_tiny.in1k` or a `convert` output)."""
   c = base_config()
   c.task = 'segmentation'
-  c.init_from = ''
   c.model.name = model_name
   c.model.drop_path_rate = drop_path_rate
   c.model.dtype = 'bfloat16'

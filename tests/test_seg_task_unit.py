@@ -75,3 +75,33 @@ def test_digit_scenes_are_deterministic_labelled_and_split_by_scan():
   assert not any(s.tobytes() in train_scans for s in digit_scenes._scans('validation')[0])
   with pytest.raises(ValueError, match='unknown split'):
     digit_scenes.DigitScenes('test')
+
+
+def test_init_from_loads_the_classification_backbone_only(tmp_path):
+  import jax
+  import mambaout_jax as mo
+  from flax import nnx
+  from mambaout_jax import params as params_lib
+  from mambaout_jax import recipes
+  from mambaout_jax.tasks import get_task
+
+  classifier = mo.create_model('mambaout_test', rngs=nnx.Rngs(7), num_classes=1000)
+  source = params_lib.save_params(str(tmp_path / 'cls'), classifier, variant='mambaout_test',
+                                  model_kwargs={'num_classes': 1000})
+  src = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(classifier, nnx.Param)))
+  config = recipes.segmentation_recipe('upernet_mambaout_test', drop_path_rate=0.0)
+  config.init_from = source
+  seg = mo.create_model('upernet_mambaout_test', rngs=nnx.Rngs(0), num_classes=11)
+  fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(seg, nnx.Param)))
+  got = get_task(config).init_params_from(config, fresh)
+
+  assert jax.tree.structure(got) == jax.tree.structure(fresh)
+  np.testing.assert_array_equal(got['backbone']['stem']['conv1']['kernel'],
+                                src['stem']['conv1']['kernel'])
+  np.testing.assert_array_equal(got['backbone']['stages'][2]['blocks'][1]['fc1']['kernel'],
+                                src['stages'][2]['blocks'][1]['fc1']['kernel'])
+  assert not np.array_equal(got['backbone']['stem']['conv1']['kernel'],
+                            fresh['backbone']['stem']['conv1']['kernel'])
+  for fresh_part in ('decode_head', 'auxiliary_head'):   # the heads keep their initialisation
+    jax.tree.map(np.testing.assert_array_equal, got[fresh_part], fresh[fresh_part])
+  jax.tree.map(np.testing.assert_array_equal, got['backbone']['norm0'], fresh['backbone']['norm0'])
