@@ -144,16 +144,19 @@ def hlo_instructions(hlo_text: str) -> list[tuple[str, str, float]]:
       comps[current] = []
       entry = current if line.startswith('ENTRY') else entry
     elif current is not None and line.startswith(' ') and ' = ' in line:
-      comps[current].append(line.split(', metadata=')[0])
-  bodies = {name: '\n'.join(lines) for name, lines in comps.items()}
+      m = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z-]+)\((.*)', line.split(', metadata=')[0])
+      if m:
+        comps[current].append(m.groups())
+  bodies = {name: '\n'.join(f'{n} = {r} {o}({a}' for n, r, o, a in instrs)
+            for name, instrs in comps.items()}
   out = []
 
   def visit(comp, scale, depth):
-    for line in comps.get(comp, []):
-      m = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z-]+)\((.*)', line)
-      if not m or m.group(3) in _FREE:
+    result_bytes = {name: _shape_bytes(result) for name, result, _, _ in comps.get(comp, [])}
+    for name, result, opcode, rest in comps.get(comp, []):
+      if opcode in _FREE:
         continue
-      name, opcode = m.group(1), m.group(3)
+      line = rest
       if opcode == 'while' and depth < 8:
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         body = re.search(r'body=%?([\w.-]+)', line)
@@ -177,11 +180,14 @@ def hlo_instructions(hlo_text: str) -> list[tuple[str, str, float]]:
         category = 'matmul (dot)'
       else:
         category = opcode
-      operand_bytes = _shape_bytes(m.group(4).split('), ')[0])
+      operands = rest.split('), ')[0]
+      # Compiled modules name their operands without shapes: look the names up.
+      operand_bytes = _shape_bytes(operands) or sum(
+          result_bytes.get(o, 0) for o in re.findall(r'%([\w.-]+)', operands))
       if opcode.endswith('-start'):  # result is a (source, destination, context) tuple
         category, nbytes = category.replace('copy-start', 'copy'), 2 * operand_bytes
       else:
-        nbytes = _shape_bytes(m.group(2)) + operand_bytes
+        nbytes = _shape_bytes(result) + operand_bytes
       out.append((name, category, scale * nbytes))
 
   visit(entry, 1.0, 0)
