@@ -205,7 +205,9 @@ def main(argv):
   import jax
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # already loaded by tfds; its file system serves gs:// paths
   from mambaout_jax import checkpoint, convert, data
+  from mambaout_jax.models import registry
   try:
     apply_eval_overrides(_CONFIG.value, sys.argv, mode=_MODE.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
@@ -215,8 +217,13 @@ def main(argv):
     sys.exit(train.PREEMPTED_EXIT_CODE)
   except (data.DatasetNotFoundError, checkpoint.CheckpointMismatchError,
           checkpoint.CheckpointUnreadableError, FloatingPointError, FileNotFoundError,
-          convert.CheckpointFitError) as e:  # user-fixable: one line saying what to do
+          convert.CheckpointFitError, registry.UnknownModelError) as e:  # user-fixable
     sys.exit(f'FATAL {type(e).__name__}: {e}')
+  except (PermissionError, tf.errors.OpError) as e:  # the workdir (local or gs://) is not usable
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    sys.exit(f'FATAL {type(e).__name__}: cannot write to --workdir={_WORKDIR.value} ({reason}); '
+             'choose a directory you can write to (for gs://: check the bucket name and your '
+             'credentials, e.g. `gcloud auth application-default login`)')
 
 
 def apply_eval_overrides(config, argv, *, mode: str):
@@ -262,6 +269,8 @@ def parse_flags(argv):
   argv = packaged_config(argv)
   try:
     return flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc
+    sys.exit(f'FATAL Flags parsing error: {str(e).splitlines()[0]}')
   except (AttributeError, KeyError) as e:
     paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
     if not paths:

@@ -37,6 +37,7 @@ from mambaout_jax import params as params_lib
 from mambaout_jax import sharding as shd
 from mambaout_jax.jsonl_writer import JsonlWriter
 from mambaout_jax.tasks import Task, constructor_keywords, get_task
+from mambaout_jax.models.registry import get_model_fn
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: "stopped, checkpoint saved; run again to resume"
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -117,6 +118,7 @@ def steps_for(config, num_train_examples: int) -> tuple[int, float]:
 
 
 def validate_config(config):
+  get_model_fn(config.model.name)  # UnknownModelError before any data is read
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by grad_accum_steps='
                      f'{config.grad_accum_steps}')

@@ -6,6 +6,10 @@ from typing import Callable
 _MODELS: dict[str, Callable] = {}
 
 
+class UnknownModelError(ValueError):
+  """A variant name that no family registers."""
+
+
 def register_model(fn: Callable) -> Callable:
   if fn.__name__ in _MODELS:
     raise ValueError(f'model {fn.__name__!r} registered twice')
@@ -15,11 +19,7 @@ def register_model(fn: Callable) -> Callable:
 
 def _import_families():
   # Importing the family modules fills the registry.
-  from mambaout_jax.models import mambaout  # noqa: F401
-  try:
-    from mambaout_jax.models import mamba, vit  # noqa: F401
-  except ImportError:  # families not present in this checkout
-    pass
+  from mambaout_jax.models import mambaout, mamba, vit  # noqa: F401
   from mambaout_jax.models import upernet  # noqa: F401  (after the backbones it builds on)
 
 
@@ -31,7 +31,7 @@ def list_models() -> list[str]:
 def get_model_fn(name: str) -> Callable:
   _import_families()
   if name not in _MODELS:
-    raise ValueError(f'unknown model {name!r}; valid names: {", ".join(sorted(_MODELS))}')
+    raise UnknownModelError(f'unknown model {name!r}; valid names: {", ".join(sorted(_MODELS))}')
   return _MODELS[name]
 
 
