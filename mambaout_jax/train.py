@@ -415,7 +415,7 @@ def train(run: Run) -> dict[str, float]:
 
   results: dict[str, float] = {}
   first_step, t_last, step_last = run.step, time.time(), run.step
-  step_metrics = None
+  step_metrics = train_step = None
   logging.info('training %s for %d steps from step %d (%.2f steps per epoch of the schedule)',
                config.model.name, total_steps, run.step, schedule_steps_per_epoch)
   try:
@@ -429,7 +429,9 @@ def train(run: Run) -> dict[str, float]:
         logging.warning('preempted: saved checkpoint of step %d; run again to resume', run.step)
         raise Preempted(run.step)
       batch = shd.host_local_to_global(next(train_iter), run.mesh)
-      run.state, step_metrics = run.fns.train_step(run.state, batch, run.rest)
+      if train_step is None:
+        train_step = compile_then_sync(run.fns.train_step, run.state, batch, run.rest)
+      run.state, step_metrics = train_step(run.state, batch, run.rest)
       run.step += 1
       step = run.step
 
@@ -465,6 +467,18 @@ def train(run: Run) -> dict[str, float]:
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, previous_handler)
   return results
+
+
+def compile_then_sync(jitted, *args):
+  """Compiles `jitted` for `args`; with several processes, waits until every process has compiled
+  it, so that the first step's collectives do not time out while a slower host is still compiling
+  (gloo, the CPU collectives, gives up after 30 s)."""
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the coordination service jax.distributed started
+    distributed.global_state.client.wait_at_barrier('mambaout_train_step_compiled',
+                                                    timeout_in_ms=60 * 60 * 1000)
+  return compiled
 
 
 # ----------------------------------------------------------------------------------------------
