@@ -46,12 +46,6 @@ def reference(dirs):
   return read_metrics(dirs['reference'])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'train.py restores the Grain iterator state saved in the checkpoint (next_index counted from '
-    'the iterator\'s own start) onto an iterator already created at start_step: the resumed run '
-    'reads global batch 2*s+1 instead of s+1 (seen: SIGTERM at step 5, saved next_index 80 = 5 '
-    'batches of 16, step 6 loss 3.0677 vs 2.8104). Remove this mark when the trainer restores only '
-    'one of the two.'))
 def test_resumed_run_repeats_the_uninterrupted_train_loss(reference, dirs, tmp_path):
   ref = {r['step']: r['train/loss'] for r in reference if 'train/loss' in r}
   assert sorted(ref) == list(range(1, STEPS + 1))

@@ -12,6 +12,14 @@ Result: NOT YET MEASURED to a useful mIoU. Predicting background everywhere scor
 ~88 on 1 of 11 classes); in calibration runs on the loaded shared 2-core machine (0.3-0.4 s per
 step), 400-800 steps at lr 1e-3..4e-3 had not yet gone past that. Tune steps / lr on an idle
 machine and put the measured mIoU and wall time here and in the README.
+Diagnosis so far (no code bug found): the training loss leaves the label prior (~0.48 decode) within
+100 steps and settles near 0.3, i.e. digit vs background is being learned, but the argmax stays
+background until the digit IDENTITY is learned (foreground probability split over 10 digits is
+below background's): a plateau. Overfitting one batch at lr 4e-3 sits at decode loss ~0.23 for
+~80 steps and only then starts to leave it (pixel accuracy above the background share at step
+150). The 36k step-1 grad norm is the stem's: mambaout_test has no stem mid-norm, so with timm's
+std-0.02 conv init the stem conv2 output has std ~0.007 before its LayerNorm (1/std gain on the
+gradient, summed over positions into the conv biases); AdamW normalises it away.
 It evaluates (whole image, the per-class table in the log and WORKDIR/eval_per_class_STEP.json) and
 checkpoints every 400 steps, and resumes from the workdir if run again.
 """
