@@ -24,6 +24,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from mambaout_jax.convert import CheckpointFitError
 
@@ -340,3 +341,18 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+
+def apply_eval_overrides(config, argv, *, mode: str):
+  """--mode=eval of a timm Hub tag (--config.init_from=hf-hub:timm/<tag>) uses the eval transform
+  of the tag's pretrained config (image size, crop_pct, interpolation), except for the keys the
+  command line sets itself."""
+  if mode != 'eval' or not config.get('init_from'):
+    return
+  overrides = eval_overrides(config.init_from)  # CheckpointFitError: bad Hub name
+  explicit = {a.split('=')[0][len('--config.'):] for a in argv if a.startswith('--config.')}
+  overrides = {k: v for k, v in overrides.items() if k not in explicit}
+  if overrides:
+    logging.info('evaluating %s with its pretrained eval transform: %s', config.init_from,
+                 ', '.join(f'{k}={v}' for k, v in overrides.items()))
+    config.update_from_flattened_dict(overrides)

@@ -102,14 +102,14 @@ def test_finetune_starts_from_the_trained_model(demo_export, tmp_path):
 
 
 def test_eval_overrides_apply_to_eval_of_a_hub_tag_only():
-  from mambaout_jax import main
+  from mambaout_jax import pretrained
   tag = 'hf-hub:timm/mambaout_base_tall_rw.sw_e500_in1k'
   c = load_config('base_tall_rw')
   c.init_from = tag
   c.aug.eval_interpolation = 'bilinear'
-  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='train')
+  pretrained.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='train')
   assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 1.0, 'bilinear')
-  main.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='eval')
+  pretrained.apply_eval_overrides(c, ['main', '--config.image_size=256'], mode='eval')
   # The command line's own image_size is kept; the rest comes from timm's pretrained config.
   assert (c.image_size, c.aug.crop_pct, c.aug.eval_interpolation) == (224, 0.95, 'bicubic')
 

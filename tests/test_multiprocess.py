@@ -113,9 +113,9 @@ GCE_WORKER = {'agent-worker-number': '2',
 ], ids=lambda x: x if isinstance(x, str) else '')
 def test_detected_tpu_hosts_follow_jax_cluster_detection(tpu_host, case, on_tpu_vm, metadata, env,
                                                          hosts):
-  from mambaout_jax import main
+  from mambaout_jax import multihost
   tpu_host(on_tpu_vm, metadata, **env)
-  assert main.detected_tpu_hosts() == hosts
+  assert multihost.detected_tpu_hosts() == hosts
   if not on_tpu_vm:
     assert tpu_host.queried == []  # off a TPU VM nothing asks the metadata server
 
@@ -126,12 +126,12 @@ def test_detected_tpu_hosts_follow_jax_cluster_detection(tpu_host, case, on_tpu_
 def test_main_initializes_distributed_on_a_multi_host_tpu_vm(tpu_host, monkeypatch, metadata,
                                                              initialized):
   import jax
-  from mambaout_jax import main
+  from mambaout_jax import multihost
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **kw: calls.append((a, kw)))
   monkeypatch.setattr(jax, 'process_count', lambda: 1)  # (no FailureWatch without a real client)
   tpu_host(True, metadata)
-  main.initialize_distributed()
+  multihost.initialize_distributed()
   assert calls == ([((), {})] if initialized else [])  # JAX finds coordinator, count and id itself
 
 
