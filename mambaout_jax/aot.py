@@ -223,30 +223,31 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
   import jax.numpy as jnp
   from mambaout_jax import sharding as shd
   from mambaout_jax import train
+  from mambaout_jax.models import layers
+  from mambaout_jax.models import ssm
+  from mambaout_jax.tasks import get_task
 
   config = config.copy_and_resolve_references()
-  if config.model.get('dwconv_impl', 'auto') == 'auto' and config.model.name.startswith('mamba'):
-    config.model.dwconv_impl = 'conv'  # 'auto' would pick the CPU formulation on this host
-  if config.model.name.startswith('mamba_'):  # the SSM's 'auto' scan would also pick CPU's
-    from mambaout_jax.models import ssm
-    ssm.set_default_scan_mode(ssm.default_scan_mode(backend='tpu'))
   devices = tpu_devices(topology)
   mesh = shd.create_mesh(config.mesh, devices=devices)
-  num_classes = config.dataset.num_classes or num_classes
+  task = get_task(config)
+  num_classes = config.dataset.get('num_classes', 0) or num_classes
   # The schedule length only changes constants in the program, not its size.
-  fns = train.create_step_functions(config, mesh, num_classes, schedule_steps_per_epoch=1000.0)
-  s = config.image_size
+  fns = train.create_step_functions(config, mesh, num_classes, schedule_steps_per_epoch=1000.0,
+                                    task=task)
   batch_sharding = shd.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
-                                         sharding=batch_sharding),
-           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in task.abstract_train_batch(config, config.batch_size).items()}
   t0 = time.time()
+  # 'auto' depthwise convs and SSM scans would pick their CPU formulation on this host: trace
+  # them as on the target (an explicit config.model.dwconv_impl / scan_mode still wins).
+  layers.set_default_depthwise_impl(layers.resolve_depthwise_impl('auto', backend='tpu'))
+  ssm.set_default_scan_mode(ssm.default_scan_mode(backend='tpu'))
   try:
     compiled = fns.train_step.lower(fns.abstract_state, batch, fns.abstract_rest).compile()
   finally:
-    if config.model.name.startswith('mamba_'):
-      from mambaout_jax.models import ssm
-      ssm.set_default_scan_mode(None)
+    layers.set_default_depthwise_impl(None)
+    ssm.set_default_scan_mode(None)
   compile_s = time.time() - t0
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -269,7 +270,8 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
       'model': config.model.name, 'topology': topology, 'device_kind': kind,
       'num_devices': len(devices), 'num_chips': num_chips, 'mesh': dict(mesh.shape),
       'batch_size': config.batch_size,
-      'grad_accum_steps': config.grad_accum_steps, 'image_size': s,
+      'task': task.name, 'batch_shapes': {k: list(v.shape) for k, v in batch.items()},
+      'grad_accum_steps': config.grad_accum_steps, 'image_size': config.image_size,
       'compute_dtype': config.model.dtype, 'num_params': int(num_params),
       'argument_gib': memory.argument_size_in_bytes / GIB,
       'output_gib': memory.output_size_in_bytes / GIB,
