@@ -3,10 +3,13 @@ r"""Compile the real train step for a TPU topology on this (CPU) host and report
     pip install "libtpu==0.0.42.*"      # the libtpu that jax[tpu]==0.10.2 pins
     python -m mambaout_jax.aot --config=configs/tiny.py --topology=v5e:4x4
     python -m mambaout_jax.aot --config=configs/tiny.py --topology=v4:2x2x4 --json
+    python -m mambaout_jax.aot --config=configs/seg/upernet_mambaout_tiny_ade20k.py --topology=v5e:2x2
 
 The step is `train.create_step_functions(...)`'s jitted train step (same function, same mesh rule,
 same in/out shardings and donation as a real run), lowered with abstract inputs on the topology's
-devices and compiled by libtpu; no TPU is needed. Reported per device: argument, output, temporary
+devices and compiled by libtpu; no TPU is needed. The batch is the config's task's
+(`Task.abstract_train_batch`: images + one label each for classification, a label per pixel of
+the crop for segmentation); 'auto' depthwise convs and SSM scans are traced as on a TPU. Reported per device: argument, output, temporary
 and total memory (the compiled program's `memory_analysis()`), whether it fits the device's HBM
 (a chip's HBM, shared by its devices where libtpu lists one per TensorCore, as for v4), and the
 FLOPs of one step (XLA's `cost_analysis()`; per device and over the slice) and per image.
