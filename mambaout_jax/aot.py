@@ -3,10 +3,13 @@ r"""Compile the real train step for a TPU topology on this (CPU) host and report
     pip install "libtpu==0.0.42.*"      # the libtpu that jax[tpu]==0.10.2 pins
     python -m mambaout_jax.aot --config=configs/tiny.py --topology=v5e:4x4
     python -m mambaout_jax.aot --config=configs/tiny.py --topology=v4:2x2x4 --json
+    python -m mambaout_jax.aot --config=configs/seg/upernet_mambaout_tiny_ade20k.py --topology=v5e:2x2
 
 The step is `train.create_step_functions(...)`'s jitted train step (same function, same mesh rule,
 same in/out shardings and donation as a real run), lowered with abstract inputs on the topology's
-devices and compiled by libtpu; no TPU is needed. Reported per device: argument, output, temporary
+devices and compiled by libtpu; no TPU is needed. The batch is the config's task's
+(`Task.abstract_train_batch`: images + one label each for classification, a label per pixel of
+the crop for segmentation); 'auto' depthwise convs and SSM scans are traced as on a TPU. Reported per device: argument, output, temporary
 and total memory (the compiled program's `memory_analysis()`), whether it fits the device's HBM
 (a chip's HBM, shared by its devices where libtpu lists one per TensorCore, as for v4), and the
 FLOPs of one step (XLA's `cost_analysis()`; per device and over the slice) and per image.
@@ -223,30 +226,31 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
   import jax.numpy as jnp
   from mambaout_jax import sharding as shd
   from mambaout_jax import train
+  from mambaout_jax.models import layers
+  from mambaout_jax.models import ssm
+  from mambaout_jax.tasks import get_task
 
   config = config.copy_and_resolve_references()
-  if config.model.get('dwconv_impl', 'auto') == 'auto' and config.model.name.startswith('mamba'):
-    config.model.dwconv_impl = 'conv'  # 'auto' would pick the CPU formulation on this host
-  if config.model.name.startswith('mamba_'):  # the SSM's 'auto' scan would also pick CPU's
-    from mambaout_jax.models import ssm
-    ssm.set_default_scan_mode(ssm.default_scan_mode(backend='tpu'))
   devices = tpu_devices(topology)
   mesh = shd.create_mesh(config.mesh, devices=devices)
-  num_classes = config.dataset.num_classes or num_classes
+  task = get_task(config)
+  num_classes = config.dataset.get('num_classes', 0) or num_classes
   # The schedule length only changes constants in the program, not its size.
-  fns = train.create_step_functions(config, mesh, num_classes, schedule_steps_per_epoch=1000.0)
-  s = config.image_size
+  fns = train.create_step_functions(config, mesh, num_classes, schedule_steps_per_epoch=1000.0,
+                                    task=task)
   batch_sharding = shd.batch_sharding(mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
-                                         sharding=batch_sharding),
-           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharding)}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in task.abstract_train_batch(config, config.batch_size).items()}
   t0 = time.time()
+  # 'auto' depthwise convs and SSM scans would pick their CPU formulation on this host: trace
+  # them as on the target (an explicit config.model.dwconv_impl / scan_mode still wins).
+  layers.set_default_depthwise_impl(layers.resolve_depthwise_impl('auto', backend='tpu'))
+  ssm.set_default_scan_mode(ssm.default_scan_mode(backend='tpu'))
   try:
     compiled = fns.train_step.lower(fns.abstract_state, batch, fns.abstract_rest).compile()
   finally:
-    if config.model.name.startswith('mamba_'):
-      from mambaout_jax.models import ssm
-      ssm.set_default_scan_mode(None)
+    layers.set_default_depthwise_impl(None)
+    ssm.set_default_scan_mode(None)
   compile_s = time.time() - t0
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -269,7 +273,8 @@ def analyze(config, topology: str, num_classes: int = 1000) -> dict:
       'model': config.model.name, 'topology': topology, 'device_kind': kind,
       'num_devices': len(devices), 'num_chips': num_chips, 'mesh': dict(mesh.shape),
       'batch_size': config.batch_size,
-      'grad_accum_steps': config.grad_accum_steps, 'image_size': s,
+      'task': task.name, 'batch_shapes': {k: list(v.shape) for k, v in batch.items()},
+      'grad_accum_steps': config.grad_accum_steps, 'image_size': config.image_size,
       'compute_dtype': config.model.dtype, 'num_params': int(num_params),
       'argument_gib': memory.argument_size_in_bytes / GIB,
       'output_gib': memory.output_size_in_bytes / GIB,

@@ -47,6 +47,30 @@ def test_aot_compiles_the_train_step_for_a_small_tpu_slice():
   assert 0.2 < report['hlo_bytes_estimate_per_device'] / report['bytes_accessed_per_device'] < 5
 
 
+def test_aot_compiles_the_segmentation_train_step_from_the_tasks_batch():
+  pytest.importorskip('libtpu', reason='libtpu is in requirements-dev.txt')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  cmd = [sys.executable, '-m', 'mambaout_jax.aot', '--config=configs/seg/demo.py',
+         '--topology=v5e:2x2', '--config.image_size=32', '--config.batch_size=8', '--json']
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  # The segmentation task's batch: 32x32 crops with a label per pixel, not one per image.
+  assert report['task'] == 'segmentation' and report['model'] == 'upernet_mambaout_test'
+  assert report['batch_shapes'] == {'image': [8, 32, 32, 3], 'label': [8, 32, 32]}
+  assert report['mesh'] == {'data': 4, 'fsdp': 1}
+  assert report['fits'] is True and 0 < report['total_gib'] < report['hbm_gib']
+  assert report['argument_gib'] * 2 ** 30 >= 3 * 4 * report['num_params']  # fp32 params + AdamW
+  # ~4.66 MMAC forward per 32 px image (python -m mambaout_jax.profile
+  # --variant=upernet_mambaout_test --resolution=32) -> a train step ~3 x 2 x 4.66M FLOPs each.
+  assert 1.5e7 < report['flops_per_image'] < 4e7
+  # The depthwise convs were traced as on a TPU (grouped convolution), not as the CPU host's
+  # shifted multiply-adds that their 'auto' implementation picks on this machine.
+  shares = report['hbm_bytes_share_by_category']
+  assert shares.get('depthwise/grouped convolution fusion', 0) > 0
+  assert not any(k.startswith('shifted multiply-add') for k in shares)
+
+
 HLO = """HloModule m
 
 %fused_exp (param_0: f32[8,16]) -> f32[8,16] {

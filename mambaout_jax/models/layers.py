@@ -121,9 +121,24 @@ def _grouped_depthwise(x, w):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
 
 
-def resolve_depthwise_impl(impl: str) -> str:
+_IMPL_OVERRIDE = None
+
+
+def set_default_depthwise_impl(impl: str | None) -> None:
+  """Makes impl='auto' mean `impl` (None: per backend again). For compiling TPU programs on a CPU
+  host (`mambaout_jax.aot`), where the default backend is not the target."""
+  global _IMPL_OVERRIDE
+  if impl not in (None, 'shift', 'conv'):
+    raise ValueError(f"unknown depthwise conv impl {impl!r}; choose 'shift', 'conv' or None")
+  _IMPL_OVERRIDE = impl
+
+
+def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
+  """'auto' -> 'shift' on CPU, 'conv' elsewhere (`backend`: the default backend when None)."""
   if impl == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'conv'
+    if _IMPL_OVERRIDE is not None and backend is None:
+      return _IMPL_OVERRIDE
+    return 'shift' if (backend or jax.default_backend()) == 'cpu' else 'conv'
   if impl not in ('shift', 'conv'):
     raise ValueError(f"unknown depthwise conv impl {impl!r}; choose 'auto', 'shift' or 'conv'")
   return impl

@@ -54,6 +54,11 @@ class Task:
     return create_model(config.model.name, rngs=rngs, **self.model_kwargs(config, num_classes),
                         **runtime_kwargs)
 
+  def abstract_train_batch(self, config, batch_size: int) -> dict:
+    """{key: jax.ShapeDtypeStruct} of one global train batch as `create_train_iterator` yields it
+    (shapes and dtypes only: `mambaout_jax.aot` compiles the train step from it, reading no data)."""
+    raise NotImplementedError
+
   def create_train_iterator(self, config, *, process_index: int, process_count: int,
                             start_step: int = 0):
     """Infinite iterator of host-local numpy batches, positioned by (config.seed, start_step)."""

@@ -46,6 +46,11 @@ class ClassificationTask(Task):
       kwargs['img_size'] = config.image_size
     return kwargs
 
+  def abstract_train_batch(self, config, batch_size):
+    s = config.image_size
+    return {'image': jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
   def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
     return data_lib.create_train_iterator(config, process_index=process_index,
                                           process_count=process_count, start_step=start_step)

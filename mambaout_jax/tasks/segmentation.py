@@ -100,6 +100,11 @@ class SegmentationTask(Task):
     return kwargs
 
   # ---------------------------------------------------------------------------------- data
+  def abstract_train_batch(self, config, batch_size):
+    s = config.image_size  # the square training crop; labels at the crop's size
+    return {'image': jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            'label': jax.ShapeDtypeStruct((batch_size, s, s), jnp.int32)}
+
   def create_train_iterator(self, config, *, process_index, process_count, start_step=0):
     from mambaout_jax.data import seg_pipeline
     return seg_pipeline.create_train_iterator(config, process_index=process_index,
