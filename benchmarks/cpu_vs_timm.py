@@ -41,6 +41,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+# libtpu (installed for aot.py) would otherwise probe for a TPU and log warnings at jax's start.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 ENV_PREFIXES = ('OMP_', 'OPENBLAS_', 'MKL_', 'KMP_', 'GOMP_', 'XLA_', 'TF_CPP', 'TF_XLA', 'JAX_',
                 'TORCH_', 'ONEDNN_', 'DNNL_')
