@@ -60,10 +60,14 @@ def runtime_kwargs(config) -> dict:
   if config.model.dtype not in DTYPES:
     raise ValueError(f'unknown config.model.dtype {config.model.dtype!r}; choose one of '
                      f'{sorted(DTYPES)}')
-  accepted = constructor_keywords(config.model.name)
+  accepted = constructor_keywords(config.model.name)  # a UperNet's include its backbone's
   kwargs = dict(drop_path_rate=config.model.drop_path_rate, dtype=DTYPES[config.model.dtype])
-  if 'dwconv_impl' in accepted and config.model.get('dwconv_impl', 'auto') != 'auto':
-    kwargs['dwconv_impl'] = config.model.dwconv_impl
+  impl = config.model.get('dwconv_impl', 'auto')
+  if impl != 'auto' and 'dwconv_impl' not in accepted:
+    raise ValueError(f'config.model.dwconv_impl={impl!r} does not apply to {config.model.name} '
+                     '(it has no depthwise convolution); set --config.model.dwconv_impl=auto')
+  if impl != 'auto':
+    kwargs['dwconv_impl'] = impl
   return kwargs
 
 

@@ -105,3 +105,59 @@ def test_init_from_loads_the_classification_backbone_only(tmp_path):
   for fresh_part in ('decode_head', 'auxiliary_head'):   # the heads keep their initialisation
     jax.tree.map(np.testing.assert_array_equal, got[fresh_part], fresh[fresh_part])
   jax.tree.map(np.testing.assert_array_equal, got['backbone']['norm0'], fresh['backbone']['norm0'])
+
+
+# ----------------------------------------------------------------------------------------------
+# config.model keys reach the UperNet backbone
+
+
+def test_dwconv_impl_reaches_the_upernet_backbone():
+  """The trainer's build (train.build_model: the task's structural kwargs + the runtime ones)
+  hands --config.model.dwconv_impl to the backbone's depthwise convs; both give the same logits."""
+  import jax
+  from flax import nnx
+  from mambaout_jax import recipes, train
+  from mambaout_jax.models import layers
+
+  config = recipes.segmentation_recipe('upernet_mambaout_test', drop_path_rate=0.0)
+  config.model.dtype = 'float32'
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 48, 3)), jnp.float32)
+  impls, logits = [], []
+  for impl in ('shift', 'conv'):
+    config.model.dwconv_impl = impl
+    model = train.build_model(config, 11)
+    model.eval()
+    impls.append({m.impl for _, m in nnx.iter_modules(model.backbone)
+                  if isinstance(m, layers.DepthwiseConv2d)})
+    logits.append(np.asarray(jax.jit(lambda m, a: m(a))(model, x)))
+  assert impls == [{'shift'}, {'conv'}]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_structural_kwargs_include_the_backbones_scan_order():
+  """scan_order (Mamba-block backbones) is recorded with the checkpoint's model_kwargs: the
+  variant's default when unset, the config's when set, and it reaches every SSM of the backbone;
+  on an SSM-free backbone a set scan_order is the one-line error."""
+  from flax import nnx
+  import mambaout_jax as mo
+  from mambaout_jax import recipes
+  from mambaout_jax.tasks import get_task
+
+  config = recipes.segmentation_recipe('upernet_mamba_tiny', drop_path_rate=0.0)
+  task = get_task(config)
+  assert task.model_kwargs(config, 150) == {'num_classes': 150, 'scan_order': 'cross'}
+  config.model.scan_order = 'raster'
+  kwargs = task.model_kwargs(config, 150)
+  assert kwargs == {'num_classes': 150, 'scan_order': 'raster'}
+  model = nnx.eval_shape(lambda: mo.create_model('upernet_mamba_tiny', rngs=nnx.Rngs(0), **kwargs))
+  orders = {m.scan_order for _, m in nnx.iter_modules(model.backbone) if hasattr(m, 'scan_order')}
+  assert orders == {'raster'}
+  directions = {len(m.directions) for _, m in nnx.iter_modules(model.backbone)
+                if hasattr(m, 'directions')}
+  assert directions == {1}  # 'cross' has 4 SSMs per block: the parameter tree follows the key
+  config.model.name = 'upernet_mambaout_test'
+  with pytest.raises(ValueError, match=r"^config.model.scan_order='raster' does not apply to "
+                                       r"upernet_mambaout_test \(it has no SSM\); set "):
+    task.model_kwargs(config, 11)
+  config.model.scan_order = ''
+  assert task.model_kwargs(config, 11) == {'num_classes': 11}

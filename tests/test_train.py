@@ -158,7 +158,8 @@ def test_a_structural_change_is_refused_before_anything_is_written(trained, key,
 
 def test_checkpoint_of_another_variant_is_refused(trained):
   config, workdir, _ = trained
-  other = small_config(config.dataset.data_dir, **{'model.name': 'vit_test'})
+  other = small_config(config.dataset.data_dir,
+                       **{'model.name': 'vit_test', 'model.dwconv_impl': 'auto'})
   with pytest.raises(ckpt_lib.CheckpointMismatchError,
                      match="variant='mambaout_test'.*variant='vit_test'.*--config.model.name back"):
     train.train_and_evaluate(other, workdir, mode='eval')

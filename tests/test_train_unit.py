@@ -145,3 +145,8 @@ def test_model_kwargs_follow_what_the_model_accepts():
   assert train.model_kwargs(config, 10) == {'num_classes': 10}
   config.model.name, config.image_size = 'vit_test', 48
   assert train.model_kwargs(config, 10) == {'num_classes': 10, 'img_size': 48}
+  config.model.dwconv_impl = 'conv'  # a runtime kwarg the ViT does not take either
+  with pytest.raises(ValueError, match=r"^config.model.dwconv_impl='conv' does not apply to "
+                                       r"vit_test \(it has no depthwise convolution\); set "
+                                       r"--config.model.dwconv_impl=auto$"):
+    train.runtime_kwargs(config)

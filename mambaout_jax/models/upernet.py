@@ -345,6 +345,7 @@ def _make_upernet_variant(name: str) -> Callable[..., UperNet]:
                    param_dtype=param_dtype, rngs=rngs, **head)
   build.__name__ = name
   build.__doc__ = f'{name}: UperNet + FCN auxiliary head on {UPERNET_VARIANTS[name]}'
+  build.forwards_to = UPERNET_VARIANTS[name]['backbone']  # keywords the head does not take
   return build
 
 

@@ -18,8 +18,10 @@ TASKS = {'classification': 'mambaout_jax.tasks.classification:ClassificationTask
 @functools.lru_cache(maxsize=None)
 def constructor_keywords(name: str) -> dict[str, Any]:
   """{keyword: default} of every keyword that model `name`'s constructor accepts: its builder's
-  own keywords and, when the builder forwards `**overrides`, those of the model class it builds.
-  Tasks decide which structural kwargs apply from this, not from the variant's name."""
+  own keywords and, when the builder forwards `**overrides`, those of the model class it builds
+  and those of the registered model it hands the rest to (a builder's `forwards_to`: UperNet's
+  backbone, so `dwconv_impl` or `scan_order` reach it). Tasks decide which kwargs apply from this,
+  not from the variant's name."""
   from flax import nnx
   from mambaout_jax.models.registry import get_model_fn
   fn = get_model_fn(name)
@@ -27,8 +29,22 @@ def constructor_keywords(name: str) -> dict[str, Any]:
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
     model = nnx.eval_shape(lambda: fn(rngs=nnx.Rngs(0)))
     params = {**inspect.signature(type(model).__init__).parameters, **params}
-  return {k: p.default for k, p in params.items()
-          if k not in ('self', 'rngs') and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  own = {k: p.default for k, p in params.items()
+         if k not in ('self', 'rngs') and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  forwarded = getattr(fn, 'forwards_to', None)
+  return {**constructor_keywords(forwarded), **own} if forwarded else own
+
+
+def scan_order_kwargs(config, accepted: dict[str, Any]) -> dict[str, str]:
+  """{'scan_order': ...} when the model has Mamba blocks (`accepted` = its constructor_keywords):
+  config.model.scan_order, or the variant's default when unset; a structural kwarg (the SSM's
+  direction parameters follow it). A set scan_order on a model without an SSM is an error."""
+  if 'scan_order' in accepted:
+    return {'scan_order': config.model.get('scan_order') or accepted['scan_order']}
+  if config.model.get('scan_order'):
+    raise ValueError(f'config.model.scan_order={config.model.scan_order!r} does not apply to '
+                     f'{config.model.name} (it has no SSM); set --config.model.scan_order=""')
+  return {}
 
 
 class Task:

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from mambaout_jax import data as data_lib
-from mambaout_jax.tasks import Task, constructor_keywords
+from mambaout_jax.tasks import Task, constructor_keywords, scan_order_kwargs
 
 
 def masked_eval_sums(logits, labels, mask):
@@ -36,12 +36,7 @@ class ClassificationTask(Task):
 
   def model_kwargs(self, config, num_classes: int) -> dict:
     accepted = constructor_keywords(config.model.name)
-    kwargs = {'num_classes': num_classes}
-    if 'scan_order' in accepted:  # Mamba blocks: resolved to the variant's default when unset
-      kwargs['scan_order'] = config.model.get('scan_order') or accepted['scan_order']
-    elif config.model.get('scan_order'):
-      raise ValueError(f'config.model.scan_order={config.model.scan_order!r} does not apply to '
-                       f'{config.model.name} (it has no SSM); set --config.model.scan_order=""')
+    kwargs = {'num_classes': num_classes, **scan_order_kwargs(config, accepted)}
     if 'img_size' in accepted:  # the position embedding is sized for the images
       kwargs['img_size'] = config.image_size
     return kwargs

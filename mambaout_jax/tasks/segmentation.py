@@ -17,7 +17,7 @@ import numpy as np
 
 from mambaout_jax import seg_metrics
 from mambaout_jax.data import digit_scenes
-from mambaout_jax.tasks import Task, constructor_keywords
+from mambaout_jax.tasks import Task, constructor_keywords, scan_order_kwargs
 
 IGNORE_INDEX = seg_metrics.IGNORE_INDEX
 
@@ -87,17 +87,11 @@ class SegmentationTask(Task):
     return info
 
   def model_kwargs(self, config, num_classes):
-    from mambaout_jax.models.upernet import UPERNET_VARIANTS
-    kwargs = {'num_classes': num_classes}
-    backbone = UPERNET_VARIANTS.get(config.model.name, {}).get('backbone')
-    accepted = constructor_keywords(backbone) if backbone else {}
-    if 'scan_order' in accepted:  # Mamba-block backbones: resolved to the variant's default
-      kwargs['scan_order'] = config.model.get('scan_order') or accepted['scan_order']
-    elif config.model.get('scan_order'):
-      raise ValueError(f'config.model.scan_order={config.model.scan_order!r} does not apply to '
-                       f'{config.model.name} (its backbone has no SSM); set '
-                       '--config.model.scan_order=""')
-    return kwargs
+    # The model's keywords include its backbone's (constructor_keywords follows the builder's
+    # `forwards_to`): scan_order for Mamba-block backbones, the one structural backbone kwarg
+    # a config sets.
+    accepted = constructor_keywords(config.model.name)
+    return {'num_classes': num_classes, **scan_order_kwargs(config, accepted)}
 
   # ---------------------------------------------------------------------------------- data
   def abstract_train_batch(self, config, batch_size):
