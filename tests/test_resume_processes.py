@@ -108,7 +108,7 @@ def test_2_to_1_to_2_processes_repeats_the_uninterrupted_run(tmp_path):
   first = stop_after(launch(2, workdir, data_dir, cache_dir, log), workdir, 5)  # from scratch
   second = stop_after(launch(1, workdir, data_dir, cache_dir, log), workdir, 15)  # 2 -> 1
   assert first < second < TOTAL_STEPS, (first, second)
-  assert wait_all(launch(2, workdir, data_dir, cache_dir, log)) == [0], tail()  # 1 -> 2
+  assert wait_all(launch(2, workdir, data_dir, cache_dir, log)) == [0, 0], tail()  # 1 -> 2
   log.close()
 
   records = [r for r in read_metrics(workdir) if 'train/loss' in r]
