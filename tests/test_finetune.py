@@ -152,10 +152,11 @@ def test_main_evaluates_a_hub_tag_without_a_training_checkpoint(tmp_path, monkey
   c.init_from = ''
   c.update_from_flattened_dict(overrides)
   model = pretrained.load('mambaout_femto', TAG)
+  forward = nnx.jit(lambda m, x: m(x))
   hits, loss, count = 0, 0.0, 0
   for batch in data_lib.create_eval_iterator(c, process_index=0, process_count=1):
     mask = np.asarray(batch['mask'])
-    logits = np.asarray(model(batch['image']))[mask]
+    logits = np.asarray(forward(model, batch['image']))[mask]
     labels = np.asarray(batch['label'])[mask]
     hits += int((logits.argmax(-1) == labels).sum())
     loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum())

@@ -34,21 +34,28 @@ def test_unknown_override_is_rejected():
     mo.create_model('mambaout_test', no_such_option=1)
 
 
+def output_shapes(name, call, x_shape, **kwargs):
+  """The shapes `call(model, x)` returns, traced abstractly (no init, no compile: these tests
+  check shapes only)."""
+  model = nnx.eval_shape(lambda: mo.create_model(name, rngs=nnx.Rngs(0), **kwargs))
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(lambda s, x: call(nnx.merge(graphdef, s), x), state,
+                       jax.ShapeDtypeStruct(x_shape, jnp.float32))
+  return jax.tree.map(lambda a: a.shape, out)
+
+
 def test_forward_features_strides_and_widths():
-  model = mo.create_model('mambaout_femto', rngs=nnx.Rngs(0), num_classes=7)
-  model.eval()
-  x = jnp.zeros((2, 64, 96, 3))
-  feats = model.forward_features(x)
-  assert [f.shape for f in feats] == [(2, 16, 24, 48), (2, 8, 12, 96), (2, 4, 6, 192),
-                                      (2, 2, 3, 288)]
-  assert model(x).shape == (2, 7)
-  assert model(x, pre_logits=True).shape == (2, 288 * 4)
+  x = (2, 64, 96, 3)
+  assert output_shapes('mambaout_femto', lambda m, x: m.forward_features(x), x, num_classes=7) == [
+      (2, 16, 24, 48), (2, 8, 12, 96), (2, 4, 6, 192), (2, 2, 3, 288)]
+  assert output_shapes('mambaout_femto', lambda m, x: m(x), x, num_classes=7) == (2, 7)
+  assert output_shapes('mambaout_femto', lambda m, x: m(x, pre_logits=True), x,
+                       num_classes=7) == (2, 288 * 4)
 
 
 def test_num_classes_zero_returns_pre_logits():
-  model = mo.create_model('mambaout_test', num_classes=0)
-  model.eval()
-  assert model(jnp.zeros((1, 32, 32, 3))).shape == (1, 64 * 4)
+  assert output_shapes('mambaout_test', lambda m, x: m(x), (1, 32, 32, 3),
+                       num_classes=0) == (1, 64 * 4)
 
 
 @pytest.mark.parametrize('k', [3, 7])
@@ -123,10 +130,12 @@ def test_bf16_compute_keeps_fp32_params_and_matches():
   m16 = mo.create_model('mambaout_femto', rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
   m32.eval(), m16.eval()
-  y32, y16 = np.asarray(m32(x)), np.asarray(m16(x))
+  forward = nnx.jit(lambda m, x: (m(x), m.forward_features(x)[0]))
+  (y32, _), (y16, features16) = forward(m32, x), forward(m16, x)
+  y32, y16 = np.asarray(y32), np.asarray(y16)
   assert y16.dtype == np.float32
   assert np.abs(y16 - y32).max() / np.abs(y32).max() < 0.05
-  assert m16.forward_features(x)[0].dtype == jnp.bfloat16
+  assert features16.dtype == jnp.bfloat16
 
 
 def test_gradients_match_timm_train_step():

@@ -45,6 +45,7 @@ def get_config():
   c.aug.scale = (64, 64)
   c.aug.ratio_range = (0.75, 1.5)
   c.aug.eval_scale = (64, 64)
+  c.input.eval_canvas = (64, 64)        # rescaled to eval_scale, a scene fits in 64 x 64
   c.input.eval_label_canvas = (80, 80)  # validation scenes are up to 80 px a side
   c.log_every_steps = 50
   c.eval_every_steps = 500
