@@ -33,11 +33,12 @@ def pytest_configure(config):
 # batch of max(files // 4 // N, 2) consecutive files, then one file at a time as workers free up:
 # dealing the long files across those batches keeps one worker from starting with all of them and
 # finishing alone. Order within a file is unchanged; without xdist this only reorders files.
-LONGEST_FIRST = ('test_seg_task.py', 'test_train.py', 'test_parity.py', 'test_train_resume.py',
-                 'test_resume_processes.py', 'test_finetune.py', 'test_checkpoint_structure.py',
-                 'test_app.py', 'test_bad_input.py', 'test_models.py', 'test_mamba.py',
-                 'test_aot.py', 'test_multiprocess.py', 'test_upernet.py', 'test_segment.py',
-                 'test_notebook.py')
+LONGEST_FIRST = ('test_train.py', 'test_parity.py', 'test_seg_task.py', 'test_resume_processes.py',
+                 'test_finetune.py', 'test_mamba.py', 'test_train_resume.py', 'test_models.py',
+                 'test_upernet.py', 'test_checkpoint_structure.py', 'test_segment.py',
+                 'test_aot.py', 'test_ssm.py', 'test_pretrained.py', 'test_multiprocess.py',
+                 'test_vit.py', 'test_app.py', 'test_launch.py', 'test_notebook.py',
+                 'test_bad_input.py')
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 24
 CHECKPOINT_EVERY = 8
-EVAL_EVERY = 12
+EVAL_EVERY = TOTAL_STEPS  # one evaluation, at the end (in 2 processes for the resumed run)
 GLOBAL_DEVICES = 4
 
 
