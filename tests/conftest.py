@@ -26,28 +26,26 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: large models or long runs (still run in CI)')
+  # pytest-xdist's file scheduling (`--dist loadfile`) hands out the files with the most tests
+  # first unless told to keep the collection order; ours puts the longest-running files first.
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
 
 
-# The longest files first, dealt alternately to the workers (seconds each on 2 idle cores,
-# roughly, in this order). Under `-n N --dist loadfile` pytest-xdist hands each worker an initial
-# batch of max(files // 4 // N, 2) consecutive files, then one file at a time as workers free up:
-# dealing the long files across those batches keeps one worker from starting with all of them and
-# finishing alone. Order within a file is unchanged; without xdist this only reorders files.
+# The longest-running files first (seconds each on 2 busy cores, roughly, in this order; the rest
+# follow by name). pytest-xdist gives each worker one file, and the next one in this order when it
+# is down to its last two tests: longest-first list scheduling, so no worker ends alone on a long
+# file (with xdist's own order, files with many quick tests first, the one-test resume files ran
+# last). Order within a file is unchanged.
 LONGEST_FIRST = ('test_train.py', 'test_parity.py', 'test_seg_task.py', 'test_resume_processes.py',
                  'test_finetune.py', 'test_mamba.py', 'test_train_resume.py', 'test_models.py',
                  'test_upernet.py', 'test_checkpoint_structure.py', 'test_segment.py',
                  'test_aot.py', 'test_ssm.py', 'test_pretrained.py', 'test_multiprocess.py',
                  'test_vit.py', 'test_app.py', 'test_launch.py', 'test_notebook.py',
-                 'test_bad_input.py')
+                 'test_bad_input.py', 'test_seg_task_unit.py', 'test_convert.py', 'test_predict.py',
+                 'test_seg_task_eval.py')
 
 
 def pytest_collection_modifyitems(session, config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  files = sorted({item.path.name for item in items}, key=lambda n: (rank.get(n, len(rank)), n))
-  workers = getattr(config, 'workerinput', {}).get('workercount', 1)
-  batch = max(len(files) // 4 // workers, 2)
-  dealt = [files[i::workers][:batch] for i in range(workers)] if workers > 1 else []
-  order = [f for batch_files in dealt for f in batch_files]
-  order += [f for f in files if f not in order]
-  position = {name: i for i, name in enumerate(order)}
-  items.sort(key=lambda item: position[item.path.name])
+  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))
