@@ -45,6 +45,9 @@ def test_aot_compiles_the_train_step_for_a_small_tpu_slice():
   shares = report['hbm_bytes_share_by_category']
   assert sum(shares.values()) == pytest.approx(1.0)
   assert 0.2 < report['hlo_bytes_estimate_per_device'] / report['bytes_accessed_per_device'] < 5
+  # 2 micro-batches: the report says the cost may count the micro-batch loop once.
+  assert 'with 2 micro-batches' in report['cost_note']
+  assert aot.format_report(report).splitlines()[-1] == f"  note: {report['cost_note']}"
 
 
 def test_aot_compiles_the_segmentation_train_step_from_the_tasks_batch():
@@ -64,6 +67,7 @@ def test_aot_compiles_the_segmentation_train_step_from_the_tasks_batch():
   # ~4.66 MMAC forward per 32 px image (python -m mambaout_jax.profile
   # --variant=upernet_mambaout_test --resolution=32) -> a train step ~3 x 2 x 4.66M FLOPs each.
   assert 1.5e7 < report['flops_per_image'] < 4e7
+  assert 'cost_note' not in report  # one micro-batch: no loop to under-count
   # The depthwise convs were traced as on a TPU (grouped convolution), not as the CPU host's
   # shifted multiply-adds that their 'auto' implementation picks on this machine.
   shares = report['hbm_bytes_share_by_category']
