@@ -32,7 +32,7 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
-# The longest-running files first (seconds each on 2 busy cores, roughly, in this order; the rest
+# The longest-running files first (by their summed durations in a `--durations=0` run; the rest
 # follow by name). pytest-xdist gives each worker one file, and the next one in this order when it
 # is down to its last two tests: longest-first list scheduling, so no worker ends alone on a long
 # file (with xdist's own order, files with many quick tests first, the one-test resume files ran
