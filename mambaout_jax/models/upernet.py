@@ -10,7 +10,8 @@ Decode head (`decode_head`, 512 channels): a pyramid pooling module on the strid
 its input -> 3x3 conv-BN-ReLU (`bottleneck`); 1x1 conv-BN-ReLU laterals on strides 4/8/16;
 top-down addition of the upsampled coarser level; 3x3 conv-BN-ReLU `fpn_convs` on strides 4/8/16;
 every level upsampled to stride 4, concatenated -> 3x3 conv-BN-ReLU (`fpn_bottleneck`);
-channel dropout 0.1 (`nn.Dropout2d`); 1x1 classifier `conv_seg` (normal init, std 0.01).
+channel dropout 0.1 (`nn.Dropout2d`); 1x1 classifier `conv_seg` (normal init, std 0.01; the narrow
+`upernet_mambaout_test` head: LeCun normal, see UPERNET_VARIANTS).
 Auxiliary head (`auxiliary_head`, on the stride-16 features): 3x3 conv-BN-ReLU to 256 channels,
 channel dropout 0.1, 1x1 classifier. Convolutions before a BatchNorm have no bias and mmcv's
 ConvModule init (Kaiming normal, fan_out, ReLU gain). Every bilinear resize is PyTorch's
@@ -39,7 +40,7 @@ BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
 BN_EPS = 1e-5
 # mmcv ConvModule: kaiming_init(conv, mode='fan_out', nonlinearity='relu', distribution='normal').
 conv_module_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-conv_seg_init = nnx.initializers.normal(stddev=0.01)
+CONV_SEG_STD = 0.01  # mmseg's BaseDecodeHead: normal_init(conv_seg, mean=0, std=0.01)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +193,12 @@ class ConvModule(nnx.Module):
     return jax.nn.relu(self.bn(self.conv(x)))
 
 
-def _cls_seg(channels, num_classes, *, dtype, param_dtype, rngs):
-  return nnx.Conv(channels, num_classes, kernel_size=(1, 1), kernel_init=conv_seg_init,
+def _cls_seg(channels, num_classes, *, cls_init_std, dtype, param_dtype, rngs):
+  """The 1x1 classifier: normal(std=cls_init_std), or LeCun normal (std 1/sqrt(channels)) when
+  cls_init_std is None."""
+  init = (nnx.initializers.lecun_normal() if cls_init_std is None
+          else nnx.initializers.normal(stddev=cls_init_std))
+  return nnx.Conv(channels, num_classes, kernel_size=(1, 1), kernel_init=init,
                   bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype,
                   rngs=rngs)
 
@@ -207,7 +212,8 @@ class UPerHead(nnx.Module):
   """mmsegmentation's UPerHead: PPM on the last level + FPN over all levels -> logits at level 0."""
 
   def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, *,
-               pool_scales=(1, 2, 3, 6), dropout: float = 0.1, dtype=None,
+               pool_scales=(1, 2, 3, 6), dropout: float = 0.1,
+               cls_init_std: Optional[float] = CONV_SEG_STD, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pool_scales = tuple(pool_scales)
@@ -218,7 +224,7 @@ class UPerHead(nnx.Module):
     self.fpn_convs = nnx.List([ConvModule(channels, channels, 3, **kw) for _ in in_channels[:-1]])
     self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, **kw)
     self.dropout = _dropout2d(dropout, rngs)
-    self.conv_seg = _cls_seg(channels, num_classes, **kw)
+    self.conv_seg = _cls_seg(channels, num_classes, cls_init_std=cls_init_std, **kw)
 
   def psp_forward(self, x, valid=None):
     size = x.shape[1:3]
@@ -249,11 +255,12 @@ class FCNHead(nnx.Module):
   """mmsegmentation's FCNHead with num_convs=1, concat_input=False (UperNet's auxiliary head)."""
 
   def __init__(self, in_channels: int, channels: int, num_classes: int, *, dropout: float = 0.1,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               cls_init_std: Optional[float] = CONV_SEG_STD, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.convs = nnx.List([ConvModule(in_channels, channels, 3, **kw)])
     self.dropout = _dropout2d(dropout, rngs)
-    self.conv_seg = _cls_seg(channels, num_classes, **kw)
+    self.conv_seg = _cls_seg(channels, num_classes, cls_init_std=cls_init_std, **kw)
 
   def __call__(self, x, valid=None):
     for conv in self.convs:
@@ -274,7 +281,8 @@ class UperNet(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, in_channels: Sequence[int], *, num_classes: int = 150,
                channels: int = 512, aux_channels: Optional[int] = 256, aux_index: int = 2,
-               pool_scales=(1, 2, 3, 6), dropout: float = 0.1, dtype=None,
+               pool_scales=(1, 2, 3, 6), dropout: float = 0.1,
+               cls_init_std: Optional[float] = CONV_SEG_STD, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if len(in_channels) != 4:
       raise ValueError(f'UperNet needs a 4-stage backbone, got widths {tuple(in_channels)}')
@@ -286,9 +294,10 @@ class UperNet(nnx.Module):
     self.aux_index = aux_index
     self.backbone = backbone
     self.decode_head = UPerHead(in_channels, channels, num_classes, pool_scales=pool_scales,
-                                dropout=dropout, **kw)
+                                dropout=dropout, cls_init_std=cls_init_std, **kw)
     self.auxiliary_head = (FCNHead(in_channels[aux_index], aux_channels, num_classes,
-                                   dropout=dropout, **kw) if aux_channels else None)
+                                   dropout=dropout, cls_init_std=cls_init_std, **kw)
+                           if aux_channels else None)
 
   def forward_features(self, x) -> list[Any]:
     """The backbone's stage outputs (after its output norms), NHWC at strides 4, 8, 16, 32."""
@@ -323,13 +332,19 @@ UPERNET_VARIANTS: dict[str, dict[str, Any]] = {
     'upernet_mambaout_base': dict(backbone='mambaout_base'),
     'upernet_mamba_tiny': dict(backbone='mamba_tiny'),
     'upernet_mamba_small': dict(backbone='mamba_small'),
-    'upernet_mambaout_test': dict(backbone='mambaout_test', channels=32, aux_channels=16),
+    # The narrow test head's classifiers start at LeCun scale: with mmseg's std 0.01 on 32 channels
+    # the logits start ~4x smaller than the 512-channel head's, and on the digit-scenes demo the
+    # head then predicted background everywhere for hundreds of steps (LeCun: learning from the
+    # first hundred).
+    'upernet_mambaout_test': dict(backbone='mambaout_test', channels=32, aux_channels=16,
+                                  cls_init_std=None),
 }
 # The backbone drop-path rate of the paper's ADE20K runs (official repo issue #251).
 SEG_DROP_PATH = {'upernet_mambaout_tiny': 0.3, 'upernet_mambaout_small': 0.3,
                  'upernet_mambaout_base': 0.6, 'upernet_mamba_tiny': 0.3,
                  'upernet_mamba_small': 0.3}
-_HEAD_ARGS = ('channels', 'aux_channels', 'aux_index', 'pool_scales', 'dropout')
+_HEAD_ARGS = ('channels', 'aux_channels', 'aux_index', 'pool_scales', 'dropout',
+              'cls_init_std')
 
 
 def _make_upernet_variant(name: str) -> Callable[..., UperNet]:
