@@ -191,11 +191,16 @@ def params_from_state_dict(sd: dict[str, np.ndarray], model_or_params, *, varian
 
 
 def convert(variant: str, src: str, out: str, *, num_classes: int | None = None,
-            reset_head: bool = False, seed: int = 0) -> str:
+            reset_head: bool = False, seed: int = 0, model_kwargs: dict | None = None) -> str:
+  """`model_kwargs`: structural keywords of a checkpoint that is not the variant's own shape (e.g.
+  `depths` of a shortened model); saved with the params, so `load_pretrained(variant, out)`
+  rebuilds the same model."""
   from flax import nnx
   from mambaout_jax.params import build_uninitialised, save_params
   from mambaout_jax.models.registry import create_model
-  overrides = {} if num_classes is None else {'num_classes': num_classes}
+  overrides = dict(model_kwargs or {})
+  if num_classes is not None:
+    overrides['num_classes'] = num_classes
   if reset_head:  # the fresh classifier needs a real random init
     model = create_model(variant, rngs=nnx.Rngs(seed), **overrides)
   else:
