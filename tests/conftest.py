@@ -37,13 +37,14 @@ def pytest_configure(config):
 # is down to its last two tests: longest-first list scheduling, so no worker ends alone on a long
 # file (with xdist's own order, files with many quick tests first, the one-test resume files ran
 # last). Order within a file is unchanged.
-LONGEST_FIRST = ('test_train.py', 'test_parity.py', 'test_seg_task.py', 'test_resume_processes.py',
-                 'test_finetune.py', 'test_mamba.py', 'test_train_resume.py', 'test_models.py',
-                 'test_upernet.py', 'test_checkpoint_structure.py', 'test_segment.py',
-                 'test_aot.py', 'test_ssm.py', 'test_pretrained.py', 'test_multiprocess.py',
-                 'test_vit.py', 'test_app.py', 'test_launch.py', 'test_notebook.py',
-                 'test_bad_input.py', 'test_seg_task_unit.py', 'test_convert.py', 'test_predict.py',
-                 'test_seg_task_eval.py')
+LONGEST_FIRST = ('test_seg_task.py', 'test_train.py', 'test_resume_processes.py',
+                 'test_finetune.py', 'test_seg_demo.py', 'test_train_resume.py', 'test_models.py',
+                 'test_parity.py', 'test_mamba.py', 'test_checkpoint_structure.py',
+                 'test_upernet.py', 'test_aot.py', 'test_segment.py', 'test_notebook.py',
+                 'test_vit.py', 'test_seg_task_eval.py', 'test_seg_task_unit.py', 'test_ssm.py',
+                 'test_multiprocess.py', 'test_pretrained.py', 'test_bad_input.py',
+                 'test_convert.py', 'test_app.py', 'test_launch.py', 'test_profile_seg.py',
+                 'test_data_pipeline.py', 'test_data_transforms.py')
 
 
 def pytest_collection_modifyitems(session, config, items):
