@@ -30,7 +30,6 @@ from PIL import Image, ImageFilter
 NAME = 'digit_scenes'
 NUM_CLASSES = 11
 BACKGROUND = 10
-IGNORE_INDEX = 255
 CLASS_NAMES = tuple(str(d) for d in range(10)) + ('background',)
 SPLIT_SIZES = {'train': 4096, 'validation': 256}
 TRAIN_SIZE = 64
